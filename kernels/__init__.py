@@ -1,0 +1,1 @@
+"""Numeric kernels: numpy references (and, later, native and Metal fast paths)."""

@@ -1,0 +1,355 @@
+"""The llama.cpp engine: load a GGUF, build the prompt, decode, generate token by token.
+
+Built on llama-cpp-python's low-level API (llama_decode, batches, the KV memory API)
+rather than `Llama.create_completion`, because sage needs a hook on every token (its
+full distribution), KV-cache branching and the scheduler's eval callback.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import llama_cpp
+import numpy as np
+
+from kernels.reference import token_stats
+from model.errors import SageError
+from model.trace import Alternative, ModelInfo, TokenRecord
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+
+SYSTEM_PROMPT = (
+    "You are a careful reasoner. Solve the problem step by step: write each step on its "
+    "own numbered line, then give the final answer on the last line as "
+    "'The answer is <answer>.'"
+)
+PLAIN_PROMPT = "Question: {problem}\nAnswer: Let's think step by step.\n"
+PLAIN_STOPS = ("\nQuestion:", "\n\n\n")
+
+# llama.cpp logs through one process-wide callback. Keep the recent error lines so a
+# failed load can say why, and print nothing: the terminal belongs to the Rich view.
+_recent_errors: collections.deque[str] = collections.deque(maxlen=8)
+_GGML_LOG_LEVEL_ERROR = 3
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level == _GGML_LOG_LEVEL_ERROR and text:
+        line = text.decode("utf-8", "replace").strip()
+        if line:
+            _recent_errors.append(line)
+
+
+llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+_backend_ready = False
+
+
+def _backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse what is clearly not a GGUF model before llama.cpp sees it."""
+    if not path.exists():
+        raise SageError(f"model file not found: {path}")
+    if not path.is_file():
+        raise SageError(f"model path is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise SageError(f"cannot read model file {path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise SageError(f"{path} is not a GGUF model file (no GGUF header)")
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    seed: int = 0
+
+
+class Engine:
+    """One loaded model and one llama.cpp context."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        n_seq_max: int = 1,
+        name: str | None = None,
+        flash_attn: bool = False,
+    ) -> None:
+        _backend()
+        path = Path(path)
+        check_gguf_file(path)
+        self.path = path
+        self.n_threads = n_threads or default_threads()
+        self.n_batch = n_batch
+        _recent_errors.clear()
+        mparams = llama_cpp.llama_model_default_params()
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise SageError(f"llama.cpp cannot load {path}: {self._load_reason()}")
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.architecture = self.meta("general.architecture") or "unknown"
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = True
+        # attention tracking reads kq_soft_max, which only exists without flash attention
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            self.model = None
+            raise SageError(f"llama.cpp cannot create a context of {n_ctx} tokens for {path}")
+        self.ctx = ctx
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        tmpl = llama_cpp.llama_model_chat_template(model, None)
+        self.chat_template: bytes | None = tmpl or None
+        self.info = ModelInfo(
+            name=name or self.meta("general.name") or path.stem,
+            path=str(path),
+            architecture=self.architecture,
+            description=self._desc(),
+            size_bytes=path.stat().st_size,
+            n_params=int(llama_cpp.llama_model_n_params(model)),
+            n_ctx_train=int(self.n_ctx_train),
+            chat_template=self.chat_template is not None,
+        )
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @staticmethod
+    def _load_reason() -> str:
+        for line in reversed(_recent_errors):
+            if "unknown model architecture" in line:
+                arch = line.split("unknown model architecture:")[-1].strip().strip("'\"")
+                return (
+                    f"unsupported architecture {arch!r} "
+                    f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+                )
+        for line in reversed(_recent_errors):
+            if "failed to load model" not in line:
+                return line
+        return "the file is corrupt or incomplete"
+
+    # --- metadata and vocabulary ------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def _desc(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.model, buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 16
+        arr = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), arr, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            arr = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), arr, cap, add_special, parse_special)
+        return list(arr[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token renders to (special tokens not rendered)."""
+        p = self._pieces.get(token)
+        if p is None:
+            buf = self._piece_buf
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            p = buf.raw[:n]
+            self._pieces[token] = p
+        return p
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    # --- prompt ----------------------------------------------------------------------
+
+    def build_prompt(self, problem: str, system: str = SYSTEM_PROMPT) -> tuple[str, tuple[str, ...]]:
+        """The prompt text and its stop strings: the GGUF's chat template when it has one
+        llama.cpp knows, else a plain step-by-step prompt for base models."""
+        if self.chat_template is not None:
+            roles = [(b"system", system.encode()), (b"user", problem.encode())]
+            msgs = (llama_cpp.llama_chat_message * len(roles))()
+            for m, (role, content) in zip(msgs, roles):
+                m.role, m.content = role, content
+            n = llama_cpp.llama_chat_apply_template(self.chat_template, msgs, len(roles), True, None, 0)
+            if n > 0:
+                buf = ctypes.create_string_buffer(n + 1)
+                llama_cpp.llama_chat_apply_template(self.chat_template, msgs, len(roles), True, buf, len(buf))
+                return buf.raw[:n].decode("utf-8", "replace"), ()
+        return PLAIN_PROMPT.format(problem=problem), PLAIN_STOPS
+
+    # --- decoding --------------------------------------------------------------------
+
+    def decode(self, tokens: list[int], pos: int, seq: int = 0, logits_last: bool = True) -> None:
+        """Evaluate `tokens` at positions pos.. in sequence `seq`, in chunks of n_batch."""
+        b = self.batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(tokens)
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = pos + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 0
+            if logits_last and last_chunk:
+                b.logits[len(chunk) - 1] = 1
+            b.n_tokens = len(chunk)
+            rc = llama_cpp.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise SageError(f"llama_decode failed with code {rc} at position {pos + start}")
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """(n_vocab,) float32 view of the logits of output i of the last decode."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def generate(
+        self,
+        prompt_tokens: list[int],
+        max_tokens: int,
+        sampling: Sampling | None = None,
+        stop: tuple[str, ...] = (),
+    ) -> "Generation":
+        return Generation(self, prompt_tokens, max_tokens, sampling or Sampling(), stop)
+
+
+class Generation:
+    """Iterate to generate; each item is a TokenRecord. `finish_reason` is set when the
+    iteration ends: "stop" (end-of-generation token or stop string), "length"
+    (max_tokens), "context" (the context is full)."""
+
+    def __init__(
+        self, engine: Engine, prompt_tokens: list[int], max_tokens: int, sampling: Sampling, stop: tuple[str, ...]
+    ) -> None:
+        if not prompt_tokens:
+            raise SageError("the prompt is empty")
+        if len(prompt_tokens) >= engine.n_ctx:
+            raise SageError(
+                f"the prompt is {len(prompt_tokens)} tokens but the context holds {engine.n_ctx}; "
+                "shorten the problem or raise --ctx"
+            )
+        self.engine = engine
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.stop = stop
+        self.finish_reason: str | None = None
+        self.text = ""
+
+    def __iter__(self) -> Iterator[TokenRecord]:
+        eng = self.engine
+        eng.reset()
+        eng.decode(self.prompt_tokens, 0)
+        pos = len(self.prompt_tokens)
+        rng = np.random.default_rng(self.sampling.seed)
+        temp = self.sampling.temperature
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        for _ in range(self.max_tokens):
+            logits = eng.logits(-1)
+            st = token_stats(logits, 5)
+            if temp <= 0:
+                tok = int(st.ids_top[0])  # first index of the max, as llama.cpp's greedy
+            else:
+                z = (logits.astype(np.float64) - float(logits.max())) / temp
+                p = np.exp(z)
+                p /= p.sum()
+                tok = int(rng.choice(eng.n_vocab, p=p))
+            if eng.is_eog(tok):
+                self.finish_reason = "stop"
+                return
+            piece = utf8.decode(eng.piece(tok))
+            self.text += piece
+            yield TokenRecord(
+                id=tok,
+                text=piece,
+                logprob=float(logits[tok]) - st.log_z,
+                entropy=st.entropy,
+                varentropy=st.varentropy,
+                top=[
+                    Alternative(int(i), eng.piece(int(i)).decode("utf-8", "replace"), float(np.exp(lp)))
+                    for i, lp in zip(st.ids_top, st.logprobs_top)
+                ],
+            )
+            if self.stop and any(s in self.text[-64:] for s in self.stop):
+                self.finish_reason = "stop"
+                return
+            if pos + 1 >= eng.n_ctx:
+                self.finish_reason = "context"
+                return
+            eng.decode([tok], pos)
+            pos += 1
+        self.finish_reason = "length"

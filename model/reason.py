@@ -1,0 +1,207 @@
+"""`sage ask` as a library: reason about a problem and return the trace.
+
+`stream_reason` yields each generated TokenRecord as it is produced and returns the
+finished Trace (as the generator's return value); `reason` just collects it. An
+interrupt (Ctrl-C) still yields a Trace, marked "interrupted", through `ReasonRun.trace`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import time
+from datetime import datetime, timezone
+from typing import Callable, Iterator
+
+from model.engine import Engine, Sampling
+from model.errors import SageError
+from model.steps import extract_answer, segment_steps
+from model.trace import Answer, Settings, Step, TokenRecord, Trace
+from model import __version__
+
+
+def process_start_time() -> float | None:
+    """Wall-clock time this process started (Linux /proc), for honest first-token timing."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])
+        hz = os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + start_ticks / hz
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _geo_mean_prob(tokens: list[TokenRecord]) -> float:
+    if not tokens:
+        return 1.0
+    return math.exp(sum(t.logprob for t in tokens) / len(tokens))
+
+
+def _token_offsets(tokens: list[TokenRecord]) -> list[int]:
+    """Character offset of each token's text in the joined output (len = n + 1)."""
+    out = [0]
+    for t in tokens:
+        out.append(out[-1] + len(t.text))
+    return out
+
+
+def _char_to_token_span(offsets: list[int], start: int, end: int) -> tuple[int, int]:
+    """Tokens overlapping characters [start, end)."""
+    t0 = max(bisect.bisect_right(offsets, start) - 1, 0)
+    t1 = max(bisect.bisect_left(offsets, end), t0 + 1)
+    return t0, min(t1, len(offsets) - 1)
+
+
+def finish_trace(trace: Trace) -> Trace:
+    """Derive text, steps, answer and confidences from the trace's tokens."""
+    trace.text = "".join(t.text for t in trace.tokens)
+    offsets = _token_offsets(trace.tokens)
+    trace.steps = []
+    for i, span in enumerate(segment_steps(trace.text)):
+        t0, t1 = _char_to_token_span(offsets, span.start, span.end)
+        trace.steps.append(
+            Step(
+                index=i,
+                text=trace.text[span.start : span.end],
+                char_start=span.start,
+                char_end=span.end,
+                token_start=t0,
+                token_end=t1,
+                kind=span.kind,
+                confidence=_geo_mean_prob(trace.tokens[t0:t1]),
+            )
+        )
+    found = extract_answer(trace.text, trace.problem)
+    conf = None
+    if found.value is not None and trace.tokens:
+        t0, t1 = _char_to_token_span(offsets, found.start, found.end)
+        conf = _geo_mean_prob(trace.tokens[t0:t1])
+    trace.answer = Answer(
+        text=found.text,
+        value=found.value,
+        kind=found.kind,
+        char_start=found.start,
+        char_end=found.end,
+        confidence=conf,
+    )
+    return trace
+
+
+def _cut_at_stop(tokens: list[TokenRecord], stops: tuple[str, ...]) -> list[TokenRecord]:
+    """Drop the stop string (and what follows) that ended a plain-prompt generation."""
+    text = "".join(t.text for t in tokens)
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut < 0:
+        return tokens
+    offsets = _token_offsets(tokens)
+    keep = [t for t, o in zip(tokens, offsets) if o < cut]
+    if keep:
+        # the last kept token may carry the start of the stop string
+        over = offsets[len(keep)] - cut
+        if over > 0:
+            last = keep[-1]
+            keep[-1] = TokenRecord(last.id, last.text[: len(last.text) - over], last.logprob,
+                                   last.entropy, last.varentropy, last.top)
+    return keep
+
+
+def check_problem(problem: str) -> str:
+    """The problem, stripped; a SageError if there is nothing to reason about."""
+    problem = (problem or "").strip()
+    if not problem:
+        raise SageError('the problem is empty; give a question, e.g. sage ask "What is 17 * 3?"')
+    return problem
+
+
+class ReasonRun:
+    """One reasoning run over an engine. Iterate for tokens; `trace` is complete after
+    iteration ends (or is partial, finish_reason "interrupted", after Ctrl-C)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        problem: str,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        seed: int = 0,
+        t_start: float | None = None,
+    ) -> None:
+        problem = check_problem(problem)
+        if max_tokens < 1:
+            raise SageError("--max-tokens must be at least 1")
+        if temperature < 0:
+            raise SageError("--temperature must be >= 0")
+        self.engine = engine
+        self.t_start = t_start if t_start is not None else time.time()
+        prompt, self.stops = engine.build_prompt(problem)
+        self.prompt_tokens = engine.tokenize(prompt)
+        self.trace = Trace(
+            problem=problem,
+            prompt=prompt,
+            prompt_tokens=len(self.prompt_tokens),
+            model=engine.info,
+            settings=Settings(
+                temperature=temperature,
+                seed=seed,
+                max_tokens=max_tokens,
+                n_ctx=engine.n_ctx,
+                n_threads=engine.n_threads,
+            ),
+            created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+0000"),
+            sage_version=__version__,
+        )
+        self._t0: float | None = None
+        self._t_first: float | None = None
+        self._done = False
+        self.generation = engine.generate(
+            self.prompt_tokens, max_tokens, Sampling(temperature, seed), stop=self.stops
+        )
+
+    def __iter__(self) -> Iterator[TokenRecord]:
+        self._t0 = time.time()
+        try:
+            for rec in self.generation:
+                if self._t_first is None:
+                    self._t_first = time.time()
+                self.trace.tokens.append(rec)
+                yield rec
+        except (KeyboardInterrupt, GeneratorExit):
+            self.interrupted()
+            raise
+        self._finish(self.generation.finish_reason or "length")
+
+    def interrupted(self) -> Trace:
+        """Close the trace as interrupted (Ctrl-C in the generator or in its consumer)."""
+        return self._finish("interrupted")
+
+    def _finish(self, reason: str) -> Trace:
+        tr = self.trace
+        if self._done:
+            return tr
+        self._done = True
+        t1 = time.time()
+        tr.finish_reason = reason
+        if reason == "stop" and self.stops:
+            tr.tokens = _cut_at_stop(tr.tokens, self.stops)
+        t_first = self._t_first or t1
+        gen_s = t1 - t_first
+        n = len(tr.tokens)
+        tr.timings = {
+            "generate_s": t1 - (self._t0 or t1),
+            "first_token_s": t_first - self.t_start,
+            "tokens_per_s": (n - 1) / gen_s if gen_s > 0 and n > 1 else 0.0,
+        }
+        return finish_trace(tr)
+
+
+def reason(engine: Engine, problem: str, on_token: Callable[[TokenRecord], None] | None = None, **kw) -> Trace:
+    """Run `sage ask` on a loaded engine and return the finished trace."""
+    run = ReasonRun(engine, problem, **kw)
+    for rec in run:
+        if on_token:
+            on_token(rec)
+    return run.trace

@@ -1,0 +1,208 @@
+"""Segment a chain of thought into steps and extract its final answer.
+
+Pure text functions: they see only the generated text (and the problem, for its answer
+options), so they are tested on fixtures without a model. Spans are character offsets
+into the text; the caller maps them onto tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+
+class Span(NamedTuple):
+    start: int
+    end: int
+    kind: str  # "numbered" | "sentence" | "block" | "think"
+
+
+class Found(NamedTuple):
+    text: str
+    value: str | None
+    kind: str  # "number" | "option" | "none"
+    start: int
+    end: int
+
+
+_THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.S)
+# "1.", "1)", "Step 1:", "- ", "* ", "• " at the start of a line
+_ITEM = re.compile(r"^\s*(?:(?:step\s*)?\d{1,3}\s*[.):]|[-*•])\s+", re.I)
+# a sentence ends at . ! ? followed by space and not inside a number like 3.5 or "e.g."
+_SENT_END = re.compile(r"(?<![\d.][.])(?<=[.!?])\s+(?=\S)")
+
+
+def _trim(text: str, start: int, end: int) -> tuple[int, int]:
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def _sentences(text: str, start: int, end: int, kind: str) -> list[Span]:
+    out = []
+    pos = start
+    for m in _SENT_END.finditer(text, start, end):
+        # "3. " after a digit is a decimal or a list number, not a sentence end
+        if text[m.start() - 1] == "." and m.start() >= 2 and text[m.start() - 2].isdigit():
+            before = text[pos : m.start()]
+            if re.fullmatch(r"\s*\d+\.", before):
+                continue
+        s, e = _trim(text, pos, m.start())
+        if e > s:
+            out.append(Span(s, e, kind))
+        pos = m.end()
+    s, e = _trim(text, pos, end)
+    if e > s:
+        out.append(Span(s, e, kind))
+    return out
+
+
+def _segment_region(text: str, start: int, end: int, think: bool) -> list[Span]:
+    spans: list[Span] = []
+    # blocks separated by blank lines
+    block_starts = [start]
+    for m in re.finditer(r"\n[ \t]*\n", text[start:end]):
+        block_starts.append(start + m.end())
+    bounds = list(zip(block_starts, block_starts[1:] + [end]))
+    for bs, be in bounds:
+        bs, be = _trim(text, bs, be)
+        if be <= bs:
+            continue
+        lines = []
+        pos = bs
+        for line in text[bs:be].split("\n"):
+            lines.append((pos, pos + len(line)))
+            pos += len(line) + 1
+        numbered = [i for i, (ls, le) in enumerate(lines) if _ITEM.match(text[ls:le])]
+        if numbered:
+            # each item runs until the next item; text before the first is its own step
+            cuts = [lines[i][0] for i in numbered] + [be]
+            if cuts[0] > bs:
+                spans.extend(_sentences(text, bs, cuts[0], "think" if think else "sentence"))
+            for a, b in zip(cuts, cuts[1:]):
+                s, e = _trim(text, a, b)
+                if e > s:
+                    spans.append(Span(s, e, "think" if think else "numbered"))
+        else:
+            sents = _sentences(text, bs, be, "think" if think else "sentence")
+            if len(sents) == 1 and not think:
+                sents = [Span(sents[0].start, sents[0].end, "block")]
+            spans.extend(sents)
+    return spans
+
+
+def segment_steps(text: str) -> list[Span]:
+    """Split generated reasoning into steps.
+
+    `<think>` sections are segmented on their own (kind "think"); elsewhere numbered or
+    bulleted lines each make a step, other blank-line blocks are split into sentences.
+    """
+    spans: list[Span] = []
+    pos = 0
+    for m in _THINK.finditer(text):
+        spans.extend(_segment_region(text, pos, m.start(), think=False))
+        spans.extend(_segment_region(text, m.start(1), m.end(1), think=True))
+        pos = m.end()
+    spans.extend(_segment_region(text, pos, len(text), think=False))
+    return spans
+
+
+# --- answers -----------------------------------------------------------------------
+
+_NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+_OPTION_LINE = re.compile(r"(?:^|\s|\()([A-E])\s*[).:]\s*\S", re.M)
+_CUES = [
+    re.compile(r"\\boxed\{([^{}]*)\}"),
+    re.compile(r"####\s*(.+)"),
+    re.compile(
+        r"(?:final answer|the answer|answer)\s*(?:is|:|=|would be|will be)?\s*[:=]?\s*(.{1,40})", re.I
+    ),
+]
+
+
+def problem_options(problem: str) -> list[str]:
+    """Option letters a multiple-choice problem offers ("A) 12 B) 15 ..."), else []."""
+    letters = sorted(set(_OPTION_LINE.findall(problem)))
+    return letters if len(letters) >= 2 and letters[0] == "A" else []
+
+
+def normalize_number(raw: str) -> str | None:
+    """"$1,200.00" -> "1200", "-3.50" -> "-3.5", "3/4" stays "3/4"; None if no number."""
+    m = re.search(_NUM, raw)
+    if not m:
+        return None
+    s = m.group(0).replace("$", "").replace(",", "").replace(" ", "")
+    if "/" in s:
+        return s
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    if s in ("-0", ""):
+        s = "0"
+    return s
+
+
+def extract_answer(text: str, problem: str = "") -> Found:
+    """Find the final answer in the text after any `<think>` section.
+
+    Multiple-choice problems (options A-E in the problem) give an option letter, others a
+    number. Answer cues ("the answer is", "####", \\boxed{}) win over a bare last value.
+    """
+    think_end = text.rfind("</think>")
+    base = think_end + len("</think>") if think_end >= 0 else 0
+    body = text[base:]
+    if think_end < 0 and "<think>" in text:
+        base, body = 0, text  # unfinished think: best effort over everything
+    options = problem_options(problem)
+
+    def find_in(segment: str, offset: int) -> Found | None:
+        if options:
+            m = None
+            for m in re.finditer(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])", segment):
+                pass
+            if m and m.group(1) in options:
+                return Found(m.group(0), m.group(1), "option", offset + m.start(), offset + m.end())
+            return None
+        m = re.search(_NUM, segment)
+        if m:
+            return Found(
+                m.group(0).strip(), normalize_number(m.group(0)), "number", offset + m.start(), offset + m.end()
+            )
+        return None
+
+    # cue-based: the last cue in the text wins
+    best: Found | None = None
+    best_pos = -1
+    for cue in _CUES:
+        for m in cue.finditer(body):
+            if m.start() < best_pos:
+                continue
+            if options:
+                # only the first option-like token right after the cue
+                seg = m.group(1)
+                mm = re.match(r"\s*(?:option\s*)?\(?([A-E])\)?(?![A-Za-z])", seg, re.I)
+                found = None
+                if mm and mm.group(1).upper() in options:
+                    s = base + m.start(1) + mm.start(1)
+                    found = Found(mm.group(1), mm.group(1).upper(), "option", s, s + 1)
+            else:
+                found = find_in(m.group(1), base + m.start(1))
+            if found:
+                best, best_pos = found, m.start()
+    if best:
+        return best
+    # fallback: the last number (or option letter) in the text
+    if options:
+        f = find_in(body, base)
+        if f:
+            return f
+    else:
+        last = None
+        for last in re.finditer(_NUM, body):
+            pass
+        if last:
+            return Found(
+                last.group(0).strip(), normalize_number(last.group(0)), "number", base + last.start(), base + last.end()
+            )
+    return Found("", None, "none", len(text), len(text))

@@ -1,0 +1,329 @@
+"""The reasoning trace: what one `sage ask` run produced, as versioned JSON.
+
+The dataclasses are the in-memory form; `TRACE_SCHEMA` (a JSON Schema, draft 2020-12
+subset) is the contract for the file. `load_trace` validates a file against it with a
+small built-in validator, so a corrupt or foreign file is refused with one clear line
+instead of failing somewhere in a view.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_NAME = "sage.trace"
+SCHEMA_VERSION = 1
+
+
+class TraceError(ValueError):
+    """A trace file that is missing, not JSON, or not a sage trace of this version."""
+
+
+@dataclass
+class Alternative:
+    id: int
+    text: str
+    prob: float
+
+
+@dataclass
+class TokenRecord:
+    """One generated token and the uncertainty of the distribution it was drawn from."""
+
+    id: int
+    text: str  # decoded text this token added to the output ("" mid UTF-8 sequence)
+    logprob: float  # log p of the chosen token under the model (temperature 1)
+    entropy: float  # nats
+    varentropy: float  # nats^2
+    top: list[Alternative]  # top-5 of the distribution, most probable first
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logprob)
+
+
+@dataclass
+class Step:
+    index: int
+    text: str
+    char_start: int  # span in Trace.text
+    char_end: int
+    token_start: int  # span in Trace.tokens, end exclusive
+    token_end: int
+    kind: str  # "numbered" | "sentence" | "block" | "think"
+    confidence: float  # geometric mean of the step's token probabilities
+
+
+@dataclass
+class Answer:
+    text: str  # the answer as written in the output
+    value: str | None  # normalized: "72", "-3.5", "B"; None when none was found
+    kind: str  # "number" | "option" | "none"
+    char_start: int
+    char_end: int
+    confidence: float | None  # geometric mean of the answer tokens' probabilities
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    architecture: str
+    description: str
+    size_bytes: int
+    n_params: int
+    n_ctx_train: int
+    chat_template: bool
+
+
+@dataclass
+class Settings:
+    temperature: float
+    seed: int
+    max_tokens: int
+    n_ctx: int
+    n_threads: int
+
+
+@dataclass
+class Trace:
+    problem: str
+    prompt: str
+    prompt_tokens: int
+    model: ModelInfo
+    settings: Settings
+    tokens: list[TokenRecord] = field(default_factory=list)
+    text: str = ""
+    steps: list[Step] = field(default_factory=list)
+    answer: Answer | None = None
+    finish_reason: str = "length"  # "stop" | "length" | "context" | "interrupted"
+    timings: dict[str, float] = field(default_factory=dict)
+    created: str = ""
+    sage_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION}
+        d.update(asdict(self))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trace":
+        validate(d, TRACE_SCHEMA)
+        tokens = [
+            TokenRecord(**{**t, "top": [Alternative(**a) for a in t["top"]]}) for t in d["tokens"]
+        ]
+        return cls(
+            problem=d["problem"],
+            prompt=d["prompt"],
+            prompt_tokens=d["prompt_tokens"],
+            model=ModelInfo(**d["model"]),
+            settings=Settings(**d["settings"]),
+            tokens=tokens,
+            text=d["text"],
+            steps=[Step(**s) for s in d["steps"]],
+            answer=Answer(**d["answer"]) if d["answer"] is not None else None,
+            finish_reason=d["finish_reason"],
+            timings=dict(d["timings"]),
+            created=d["created"],
+            sage_version=d["sage_version"],
+        )
+
+
+# --- schema ------------------------------------------------------------------------
+
+_num = {"type": "number"}
+_int = {"type": "integer"}
+_str = {"type": "string"}
+
+
+def _obj(props: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": list(props), "properties": props}
+
+
+TRACE_SCHEMA: dict[str, Any] = _obj(
+    {
+        "schema": {"const": SCHEMA_NAME},
+        "version": {"const": SCHEMA_VERSION},
+        "problem": _str,
+        "prompt": _str,
+        "prompt_tokens": _int,
+        "model": _obj(
+            {
+                "name": _str,
+                "path": _str,
+                "architecture": _str,
+                "description": _str,
+                "size_bytes": _int,
+                "n_params": _int,
+                "n_ctx_train": _int,
+                "chat_template": {"type": "boolean"},
+            }
+        ),
+        "settings": _obj(
+            {"temperature": _num, "seed": _int, "max_tokens": _int, "n_ctx": _int, "n_threads": _int}
+        ),
+        "tokens": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "id": _int,
+                    "text": _str,
+                    "logprob": _num,
+                    "entropy": _num,
+                    "varentropy": _num,
+                    "top": {"type": "array", "items": _obj({"id": _int, "text": _str, "prob": _num})},
+                }
+            ),
+        },
+        "text": _str,
+        "steps": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "index": _int,
+                    "text": _str,
+                    "char_start": _int,
+                    "char_end": _int,
+                    "token_start": _int,
+                    "token_end": _int,
+                    "kind": {"enum": ["numbered", "sentence", "block", "think"]},
+                    "confidence": _num,
+                }
+            ),
+        },
+        "answer": {
+            "anyOf": [
+                {"type": "null"},
+                _obj(
+                    {
+                        "text": _str,
+                        "value": {"type": ["string", "null"]},
+                        "kind": {"enum": ["number", "option", "none"]},
+                        "char_start": _int,
+                        "char_end": _int,
+                        "confidence": {"type": ["number", "null"]},
+                    }
+                ),
+            ]
+        },
+        "finish_reason": {"enum": ["stop", "length", "context", "interrupted"]},
+        "timings": {"type": "object", "additionalProperties": _num},
+        "created": _str,
+        "sage_version": _str,
+    }
+)
+
+_TYPES = {
+    "object": dict,
+    "array": list,
+    "string": str,
+    "boolean": bool,
+    "null": type(None),
+}
+
+
+def _is_type(value: Any, name: str) -> bool:
+    if name == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, _TYPES[name])
+
+
+def validate(value: Any, schema: dict[str, Any], where: str = "$") -> None:
+    """Check `value` against the subset of JSON Schema used by TRACE_SCHEMA.
+
+    Supports type, const, enum, anyOf, required, properties, additionalProperties, items.
+    Raises TraceError naming the first offending path.
+    """
+    if "anyOf" in schema:
+        for sub in schema["anyOf"]:
+            try:
+                validate(value, sub, where)
+                return
+            except TraceError:
+                pass
+        raise TraceError(f"{where}: matches none of the allowed forms")
+    if "const" in schema and value != schema["const"]:
+        raise TraceError(f"{where}: expected {schema['const']!r}, found {value!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise TraceError(f"{where}: {value!r} is not one of {schema['enum']}")
+    if "type" in schema:
+        names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_is_type(value, n) for n in names):
+            raise TraceError(f"{where}: expected {' or '.join(names)}, found {type(value).__name__}")
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                raise TraceError(f"{where}: missing key {key!r}")
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, sub in value.items():
+            if key in props:
+                validate(sub, props[key], f"{where}.{key}")
+            elif isinstance(extra, dict):
+                validate(sub, extra, f"{where}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            validate(item, schema["items"], f"{where}[{i}]")
+
+
+# --- files -------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` through a temp file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_trace(trace: Trace, home: Path) -> Path:
+    """Save under `home/traces/` and as `home/last.json`; return the trace's own path."""
+    data = trace.to_dict()
+    stamp = trace.created.replace(":", "").replace("-", "").replace("+0000", "Z")
+    path = home / "traces" / f"{stamp}.json"
+    n = 1
+    while path.exists():
+        n += 1
+        path = home / "traces" / f"{stamp}-{n}.json"
+    write_json_atomic(path, data)
+    write_json_atomic(home / "last.json", data)
+    return path
+
+
+def load_trace(path: Path) -> Trace:
+    """Read and validate a trace file; raise TraceError with a one-line reason."""
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TraceError(f"no trace at {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TraceError(f"cannot read {path}: {e}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA_NAME:
+        raise TraceError(f"{path} is not a sage trace")
+    if data.get("version") != SCHEMA_VERSION:
+        raise TraceError(
+            f"{path} is a sage trace of version {data.get('version')!r}; "
+            f"this sage reads version {SCHEMA_VERSION}"
+        )
+    try:
+        return Trace.from_dict(data)
+    except TraceError as e:
+        raise TraceError(f"{path} is not a valid sage trace: {e}") from None

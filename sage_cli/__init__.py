@@ -1,0 +1,1 @@
+"""sage command-line interface: parses options, calls the library, renders with Rich."""

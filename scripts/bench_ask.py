@@ -1,0 +1,98 @@
+"""Speed of `sage ask` against llama-cpp-python's own generation, in one run.
+
+    .venv/bin/python scripts/bench_ask.py [--reps 5] [--tokens 200] [--model smollm2-135m]
+
+Interleaves, per repetition, (a) `Llama.create_completion` and (b) sage's ReasonRun with
+the live view rendering to a null terminal, on the same GGUF, prompt tokens, thread
+count and greedy decoding (both produce the same tokens). Reports tokens/s medians and
+their ratio. Then starts `sage ask --json` as a fresh process a few times and reports the
+time from process start to the first generated token (from /proc, see model.reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROBLEM = "List the numbers from 1 to 100 in words, one per line, then say which is the longest word."
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--starts", type=int, default=5, help="process starts for first-token timing")
+    args = ap.parse_args()
+
+    from llama_cpp import Llama
+    from rich.console import Console
+
+    from model.engine import Engine
+    from model.reason import ReasonRun
+    from sage_cli.presets import resolve_model
+    from sage_cli.ui import THEME, AskView
+
+    path = resolve_model(args.model).path
+    eng = Engine(path, n_ctx=2048)
+    llm = Llama(str(path), n_ctx=2048, n_threads=eng.n_threads, n_threads_batch=eng.n_threads, verbose=False)
+    view = AskView(Console(file=io.StringIO(), theme=THEME, force_terminal=True, width=100))
+
+    def run_llama() -> tuple[int, float]:
+        prompt, _ = eng.build_prompt(PROBLEM)
+        toks = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        n, t_first = 0, None
+        for _ in llm.create_completion(toks, max_tokens=args.tokens, temperature=0.0, stream=True):
+            n += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+        return n, time.perf_counter() - t_first
+
+    def run_sage() -> tuple[int, float]:
+        run = ReasonRun(eng, PROBLEM, max_tokens=args.tokens)
+        n, t_first = 0, None
+        for rec in run:
+            view.token(rec.text, rec.prob)
+            n += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+        return n, time.perf_counter() - t_first
+
+    run_llama(), run_sage()  # warm-up
+    rates = {"llama": [], "sage": []}
+    for _ in range(args.reps):
+        for name, fn in (("llama", run_llama), ("sage", run_sage)):
+            n, dt = fn()
+            # tokens after the first, over the time after the first (prompt excluded)
+            rates[name].append((n - 1) / dt)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"model {path.name}, {eng.n_threads} threads, {args.tokens} tokens x {args.reps} reps (interleaved)")
+    for k, v in rates.items():
+        print(f"  {k:6s} tok/s median {med[k]:7.1f}  min {min(v):7.1f}  max {max(v):7.1f}")
+    print(f"  sage / llama-cpp-python = {med['sage'] / med['llama']:.3f}")
+    eng.close()
+    llm.close()
+
+    sage = Path(sys.executable).with_name("sage")
+    firsts = []
+    for _ in range(args.starts):
+        out = subprocess.run(
+            [str(sage), "ask", "What is 6 * 7?", "--max-tokens", "4", "--json", "--model", args.model],
+            capture_output=True, text=True, env=dict(os.environ, SAGE_HOME=os.environ.get("SAGE_HOME", "/tmp/sage-bench")),
+        )
+        firsts.append(json.loads(out.stdout)["timings"]["first_token_s"])
+    print(f"process start -> first token: median {statistics.median(firsts):.2f} s "
+          f"(min {min(firsts):.2f}, max {max(firsts):.2f}, {args.starts} starts)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Shared fixtures: the user data dir and HF cache redirected to temp dirs, no network,
+and the embedded SmolLM2 model loaded once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# never touch the network or the real user dirs, whatever the test does
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAGE_HOME", str(tmp_path / "sage-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from sage_cli.presets import resolve_model
+
+    return resolve_model("smollm2-135m").path
+
+
+@pytest.fixture(scope="session")
+def engine(smollm2_path):
+    from model.engine import Engine
+
+    eng = Engine(smollm2_path, n_ctx=1024, name="smollm2-135m")
+    yield eng
+    eng.close()

@@ -1,0 +1,172 @@
+"""The `sage` commands through typer's CliRunner, and Ctrl-C through a real process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sage_cli.main import app
+
+runner = CliRunner()
+PROBLEM = "A pen costs 3 dollars. How much do 4 pens cost?"
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_version():
+    r = run("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("sage ")
+
+
+@pytest.mark.parametrize("cmd", [[], ["ask"], ["models"]])
+def test_help_has_example(cmd):
+    r = run(*cmd, "--help")
+    assert r.exit_code == 0
+    assert "Example: sage" in r.stdout
+
+
+def test_ask_renders_and_saves(tmp_path):
+    r = run("ask", PROBLEM, "--max-tokens", "80")
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    assert "Problem" in out and "Steps" in out
+    assert "Answer" in out or "no final answer" in out
+    home = Path(os.environ["SAGE_HOME"])
+    last = json.loads((home / "last.json").read_text())
+    assert last["schema"] == "sage.trace" and last["problem"] == PROBLEM
+    assert len(list((home / "traces").glob("*.json"))) == 1
+    # the streamed text is the generated text
+    assert last["text"].split("\n")[0][:30] in out
+
+
+def test_ask_json_is_only_json():
+    r = run("ask", PROBLEM, "--max-tokens", "40", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["schema"] == "sage.trace"
+    assert len(d["tokens"]) == 40 and d["finish_reason"] == "length"
+    assert "\x1b[" not in r.stdout
+
+
+def test_models_lists_presets():
+    r = run("models", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {m["name"]: m for m in json.loads(r.stdout)}
+    assert rows["smollm2-135m"]["default"] and rows["smollm2-135m"]["path"].endswith(".gguf")
+    assert rows["qwen3-1.7b"]["path"] is None  # nothing downloaded in the test cache
+    r = run("models")
+    assert r.exit_code == 0 and "smollm2-135m" in r.stdout
+
+
+@pytest.mark.parametrize("problem", ["", "   \n "])
+def test_empty_problem(problem):
+    one_line_error(run("ask", problem), "problem is empty")
+
+
+def test_missing_model(tmp_path):
+    one_line_error(run("ask", PROBLEM, "--model", str(tmp_path / "nope.gguf")), "not found")
+
+
+def test_non_gguf_model(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_text("this is not a model\n")
+    one_line_error(run("ask", PROBLEM, "--model", str(f)), "not a GGUF")
+
+
+def test_corrupt_gguf(tmp_path, smollm2_path):
+    f = tmp_path / "truncated.gguf"
+    f.write_bytes(Path(smollm2_path).read_bytes()[: 4 << 20])
+    one_line_error(run("ask", PROBLEM, "--model", str(f)), "cannot load")
+
+
+def test_garbage_after_header(tmp_path):
+    f = tmp_path / "garbage.gguf"
+    f.write_bytes(b"GGUF" + os.urandom(4096))
+    one_line_error(run("ask", PROBLEM, "--model", str(f)), "cannot load")
+
+
+def test_prompt_beyond_context():
+    one_line_error(run("ask", "apples and pears " * 100, "--ctx", "256"), "context holds 256", "--ctx")
+
+
+def test_unknown_preset():
+    one_line_error(run("ask", PROBLEM, "--model", "gpt-17"), "unknown model", "smollm2-135m")
+
+
+def test_hub_preset_offline_not_cached():
+    line = one_line_error(run("ask", PROBLEM, "--model", "qwen3-1.7b"), "qwen3-1.7b")
+    assert "hf download ggml-org/Qwen3-1.7B-GGUF Qwen3-1.7B-Q4_K_M.gguf" in line
+
+
+def test_bad_hub_spec():
+    one_line_error(run("ask", PROBLEM, "--model", "hf:only-org"), "hf:ORG/REPO/FILE.gguf")
+
+
+def test_hub_model_from_cache(tmp_path, smollm2_path, monkeypatch):
+    """A hub file already in the HF cache resolves offline, through huggingface_hub."""
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    repo = cache / "models--someorg--tiny-GGUF"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / "tiny.gguf").symlink_to(smollm2_path)
+    r = run("ask", PROBLEM, "--model", "hf:someorg/tiny-GGUF/tiny.gguf", "--max-tokens", "8", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"]["name"] == "hf:someorg/tiny-GGUF/tiny.gguf"
+
+
+@pytest.mark.parametrize("args", [["--max-tokens", "0"], ["--temperature", "-1"], ["--ctx", "8"], ["--threads", "0"]])
+def test_bad_numbers(args):
+    one_line_error(run("ask", PROBLEM, *args))
+
+
+def test_ctrl_c_saves_partial_trace(tmp_path):
+    """SIGINT while generating: exit 130, partial trace saved."""
+    env = dict(os.environ, SAGE_HOME=str(tmp_path / "home"))
+    sage = Path(sys.executable).with_name("sage")
+    proc = subprocess.Popen(
+        [str(sage), "ask", "Count from 1 to 300, one number per line.", "--max-tokens", "2000", "--ctx", "4096"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    # wait until tokens stream (4 header lines, then numbers one per line), then interrupt
+    buf = b""
+    deadline = time.time() + 60
+    while buf.count(b"\n") < 8:
+        chunk = proc.stdout.read1(256)
+        if not chunk or time.time() > deadline:
+            break
+        buf += chunk
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (buf + out, err)
+    assert b"Traceback" not in err
+    last = json.loads((tmp_path / "home" / "last.json").read_text())
+    assert last["finish_reason"] == "interrupted"
+    assert 0 < len(last["tokens"]) < 2000

@@ -1,0 +1,111 @@
+"""Step segmentation and answer extraction on fixed texts (no model)."""
+
+import pytest
+
+from model.steps import extract_answer, normalize_number, problem_options, segment_steps
+
+
+def texts(text):
+    return [(text[s.start : s.end], s.kind) for s in segment_steps(text)]
+
+
+def test_numbered_lines_are_steps():
+    text = "1. There are 3 boxes.\n2. Each has 12 eggs, so 3 * 12 = 36.\n3. 36 - 7 = 29.\nThe answer is 29."
+    got = texts(text)
+    assert [t for t, _ in got] == [
+        "1. There are 3 boxes.",
+        "2. Each has 12 eggs, so 3 * 12 = 36.",
+        "3. 36 - 7 = 29.\nThe answer is 29.",
+    ]
+    assert {k for _, k in got} == {"numbered"}
+
+
+def test_step_prefix_and_bullets():
+    got = texts("Step 1: add 2 and 3.\nStep 2: double it.\n\n- first\n- second")
+    assert [t for t, _ in got] == ["Step 1: add 2 and 3.", "Step 2: double it.", "- first", "- second"]
+
+
+def test_sentences_split_but_not_decimals():
+    got = texts("The price is 3.5 dollars per pen. Four pens cost 14 dollars! So we pay 14.")
+    assert [t for t, _ in got] == [
+        "The price is 3.5 dollars per pen.",
+        "Four pens cost 14 dollars!",
+        "So we pay 14.",
+    ]
+    assert {k for _, k in got} == {"sentence"}
+
+
+def test_blank_line_blocks_and_single_sentence_block():
+    got = texts("First we add.\n\nThen we multiply by two and get 10")
+    assert got == [("First we add.", "block"), ("Then we multiply by two and get 10", "block")]
+
+
+def test_think_sections():
+    text = "<think>Let me see. 2 + 2 = 4.</think>\nThe answer is 4."
+    got = texts(text)
+    assert got[0] == ("Let me see.", "think")
+    assert got[1] == ("2 + 2 = 4.", "think")
+    assert got[-1] == ("The answer is 4.", "block")
+
+
+def test_spans_index_the_text():
+    text = "  1. a b c\n\n  2. d e f  \n"
+    for s in segment_steps(text):
+        assert text[s.start : s.end].strip() == text[s.start : s.end]
+        assert s.end > s.start
+
+
+@pytest.mark.parametrize(
+    "raw,want",
+    [("$1,200.00", "1200"), ("-3.50", "-3.5"), ("3/4", "3/4"), ("42.", "42"), ("no", None), ("0.0", "0")],
+)
+def test_normalize_number(raw, want):
+    assert normalize_number(raw) == want
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("1. 3 * 12 = 36\n2. 36 - 7 = 29\nThe answer is 29.", "29"),
+        ("So she earned $10. The final answer is $1,250.", "1250"),
+        ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72"),
+        ("Thus \\boxed{17} is it, not 18", "17"),
+        ("He has 5 apples, then 7 apples, ending with 9", "9"),
+        ("<think>maybe 5? no, 6</think> Answer: 6", "6"),
+        ("Answer: -4.50 degrees", "-4.5"),
+    ],
+)
+def test_extract_number(text, value):
+    found = extract_answer(text)
+    assert found.kind == "number"
+    assert found.value == value
+    assert normalize_number(text[found.start : found.end]) == value
+
+
+def test_extract_none():
+    found = extract_answer("I do not know.")
+    assert found.kind == "none" and found.value is None
+
+
+AQUA = "A train runs 60 km in 1.5 hours. Speed? Options: A)30 B)40 C)50 D)60 E)90"
+
+
+def test_problem_options():
+    assert problem_options(AQUA) == ["A", "B", "C", "D", "E"]
+    assert problem_options("What is 2 + 2?") == []
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("60 / 1.5 = 40 km/h. The answer is B.", "B"),
+        ("Speed is 40.\nAnswer: (B) 40", "B"),
+        ("So the correct option is D", "D"),
+        ("60/1.5 = 40 so B", "B"),
+    ],
+)
+def test_extract_option(text, value):
+    found = extract_answer(text, AQUA)
+    assert found.kind == "option"
+    assert found.value == value
+    assert text[found.start : found.end].strip("() ") == value
