@@ -80,3 +80,46 @@ def token_stats(logits: np.ndarray, k: int = 5) -> TokenStats:
         varentropy=var,
         log_z=m + log_s,
     )
+
+
+# --- inverse analysis (paper eq. 7) ---------------------------------------------------
+
+
+def aggregate_rows(rows: np.ndarray) -> np.ndarray:
+    """Mean attention of a step's queries: (T, C) rows -> (C,). Empty -> zeros."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.shape[0] == 0:
+        return np.zeros(rows.shape[1])
+    return rows.mean(axis=0)
+
+
+def eq7_significance(w: np.ndarray, g: np.ndarray, h: float) -> np.ndarray:
+    """Significance(t_j, i) = w_ij * |grad_{h_j} L_i| * H_i for every earlier token j.
+
+    w: (C,) attention from step i to each token; g: (C,) gradient-norm factor (exact or
+    proxy); h: the step's predictive entropy."""
+    return np.asarray(w, dtype=np.float64) * np.asarray(g, dtype=np.float64) * float(h)
+
+
+def value_norm_proxy(w: np.ndarray, wv: np.ndarray) -> np.ndarray:
+    """The gradient factor's proxy in the llama.cpp path: the attention-weighted value norm
+    of token j (wv = sum a*|v| over tracked heads, w = sum a), i.e. how much of token j's
+    value actually flowed into the step. 0 where the step paid token j no attention."""
+    w = np.asarray(w, dtype=np.float64)
+    wv = np.asarray(wv, dtype=np.float64)
+    out = np.zeros_like(w)
+    np.divide(wv, w, out=out, where=w > 0)
+    return out
+
+
+def normalize_max(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """x / max(x[mask]) on the masked entries, 0 elsewhere; all zeros if nothing is
+    masked in or the maximum is 0. Per-step normalization to [0, 1]."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(x)
+    if not mask.any():
+        return out
+    m = x[mask].max()
+    if m > 0:
+        out[mask] = x[mask] / m
+    return out

@@ -22,6 +22,8 @@ from kernels.reference import token_stats
 from model.errors import SageError
 from model.trace import Alternative, ModelInfo, TokenRecord
 
+# tokens kept per distribution: the chosen one's top-5 alternatives are always among them
+TOP_K = 6
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 SYSTEM_PROMPT = (
@@ -94,7 +96,13 @@ class Engine:
         n_seq_max: int = 1,
         name: str | None = None,
         flash_attn: bool = False,
+        track: bool = False,
+        track_layers: list[int] | None = None,
+        native_tracker: bool = True,
     ) -> None:
+        """n_seq_max > 1 gives a unified KV cache whose sequences share cells, so
+        branches copied with llama_memory_seq_cp reuse the prefix without recomputing it.
+        track: observe attention through the eval callback (kernels/tracker)."""
         _backend()
         path = Path(path)
         check_gguf_file(path)
@@ -111,12 +119,42 @@ class Engine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.architecture = self.meta("general.architecture") or "unknown"
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        self.n_layer = llama_cpp.llama_model_n_layer(model)
+        self.n_head = llama_cpp.llama_model_n_head(model)
+        self.n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+        self.n_embd = llama_cpp.llama_model_n_embd(model)
+        vlen = self.meta(f"{self.architecture}.attention.value_length")
+        self.head_dim_v = int(vlen) if vlen else self.n_embd // self.n_head
+        self.tracker = None
+        if track:
+            from kernels.tracker import Tracker, default_layers
+
+            layers = track_layers or default_layers(len(self.full_attention_layers()))
+            if not track_layers:
+                full = self.full_attention_layers()
+                layers = [full[i] for i in layers]
+            bad = [il for il in layers if il not in self.full_attention_layers()]
+            if bad:
+                raise SageError(f"cannot track layers {bad}: not full-attention layers of this {self.n_layer}-layer model")
+            self.tracker = Tracker(
+                layers,
+                np.full((len(layers), self.n_head), 1.0 / (len(layers) * self.n_head), dtype=np.float32),
+                self.n_head,
+                self.n_head_kv,
+                self.head_dim_v,
+                n_batch=n_batch,
+                native=native_tracker,
+            )
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq_max
+        cparams.kv_unified = True
+        if self.tracker is not None:
+            cparams.cb_eval = llama_cpp.ggml_backend_sched_eval_callback(self.tracker.callback_ptr)
+            cparams.cb_eval_user_data = self.tracker.user_data
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
         cparams.no_perf = True
@@ -132,6 +170,7 @@ class Engine:
         self.ctx = ctx
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self.memory = llama_cpp.llama_get_memory(ctx)
+        self.n_seq_max = n_seq_max
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -199,6 +238,15 @@ class Engine:
             llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
+    def full_attention_layers(self) -> list[int]:
+        """Layers whose KV cells are positions (no sliding window): the ones tracking
+        can read. Gemma 3 interleaves 5 sliding-window layers with 1 global layer."""
+        if llama_cpp.llama_model_n_swa(self.model) <= 0:
+            return list(range(self.n_layer))
+        if self.architecture in ("gemma3", "gemma3n"):
+            return [il for il in range(self.n_layer) if il % 6 == 5]
+        return []
+
     def _desc(self) -> str:
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, buf, len(buf))
@@ -215,17 +263,18 @@ class Engine:
             n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), arr, cap, add_special, parse_special)
         return list(arr[:n])
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a token renders to (special tokens not rendered)."""
-        p = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token renders to (special/control tokens only with special=True)."""
+        key = -token - 1 if special else token
+        p = self._pieces.get(key)
         if p is None:
             buf = self._piece_buf
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
             p = buf.raw[:n]
-            self._pieces[token] = p
+            self._pieces[key] = p
         return p
 
     def is_eog(self, token: int) -> bool:
@@ -250,12 +299,20 @@ class Engine:
 
     # --- decoding --------------------------------------------------------------------
 
-    def decode(self, tokens: list[int], pos: int, seq: int = 0, logits_last: bool = True) -> None:
-        """Evaluate `tokens` at positions pos.. in sequence `seq`, in chunks of n_batch."""
+    def decode(
+        self, tokens: list[int], pos: int, seq: int = 0, logits_last: bool = True, track_row: int | None = None
+    ) -> None:
+        """Evaluate `tokens` at positions pos.. in sequence `seq`, in chunks of n_batch.
+
+        With a tracker, value norms are recorded for every chunk and, when track_row is
+        given, the last token's attention row goes to that row."""
         b = self.batch
+        tr = self.tracker
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             last_chunk = start + self.n_batch >= len(tokens)
+            if tr is not None:
+                tr.before_decode(pos + start, len(chunk), track_row if last_chunk else None)
             for i, t in enumerate(chunk):
                 b.token[i] = t
                 b.pos[i] = pos + start + i
@@ -266,6 +323,10 @@ class Engine:
                 b.logits[len(chunk) - 1] = 1
             b.n_tokens = len(chunk)
             rc = llama_cpp.llama_decode(self.ctx, b)
+            if tr is not None:
+                tr.pause()
+                if tr.error:
+                    raise SageError(f"attention tracking failed (code {tr.error}); run with --no-track")
             if rc != 0:
                 raise SageError(f"llama_decode failed with code {rc} at position {pos + start}")
 
@@ -276,6 +337,32 @@ class Engine:
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
+
+    def decode_batch(self, items: list[tuple[int, int, int]]) -> None:
+        """One llama_decode of single tokens (token, pos, seq) for several sequences,
+        logits for each; output i of `logits(i)` belongs to items[i]."""
+        b = self.batch
+        if len(items) > self.n_batch:
+            raise SageError(f"{len(items)} branches exceed the batch size {self.n_batch}")
+        for i, (t, p, s) in enumerate(items):
+            b.token[i] = t
+            b.pos[i] = p
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = s
+            b.logits[i] = 1
+        b.n_tokens = len(items)
+        if self.tracker is not None:
+            self.tracker.pause()
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise SageError(f"llama_decode failed with code {rc} for {len(items)} branches (context full? raise --ctx)")
+
+    def seq_copy(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Let sequence dst share src's KV cells for positions [p0, p1) (no recompute)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, p0, p1)
 
     def generate(
         self,
@@ -313,14 +400,18 @@ class Generation:
     def __iter__(self) -> Iterator[TokenRecord]:
         eng = self.engine
         eng.reset()
-        eng.decode(self.prompt_tokens, 0)
+        if eng.tracker is not None:
+            eng.tracker.allocate(eng.n_ctx, self.max_tokens + 1)
+        # row k of the tracker: the query that produced generated token k
+        eng.decode(self.prompt_tokens, 0, track_row=0)
         pos = len(self.prompt_tokens)
+        k = 0
         rng = np.random.default_rng(self.sampling.seed)
         temp = self.sampling.temperature
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         for _ in range(self.max_tokens):
             logits = eng.logits(-1)
-            st = token_stats(logits, 5)
+            st = token_stats(logits, TOP_K)
             if temp <= 0:
                 tok = int(st.ids_top[0])  # first index of the max, as llama.cpp's greedy
             else:
@@ -350,6 +441,7 @@ class Generation:
             if pos + 1 >= eng.n_ctx:
                 self.finish_reason = "context"
                 return
-            eng.decode([tok], pos)
+            k += 1
+            eng.decode([tok], pos, track_row=k)
             pos += 1
         self.finish_reason = "length"

@@ -12,13 +12,16 @@ import math
 import os
 import time
 from datetime import datetime, timezone
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from model.engine import Engine, Sampling
 from model.errors import SageError
 from model.steps import extract_answer, segment_steps
 from model.trace import Answer, Settings, Step, TokenRecord, Trace
 from model import __version__
+
+if TYPE_CHECKING:
+    from model.inverse import AnalysisConfig
 
 
 def process_start_time() -> float | None:
@@ -129,7 +132,10 @@ class ReasonRun:
         temperature: float = 0.0,
         seed: int = 0,
         t_start: float | None = None,
+        analysis: "AnalysisConfig | None" = None,
     ) -> None:
+        """analysis: inverse-analysis settings, used when the engine tracks attention
+        (Engine(track=True)); None = defaults."""
         problem = check_problem(problem)
         if max_tokens < 1:
             raise SageError("--max-tokens must be at least 1")
@@ -154,6 +160,7 @@ class ReasonRun:
             created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+0000"),
             sage_version=__version__,
         )
+        self.analysis_config = analysis
         self._t0: float | None = None
         self._t_first: float | None = None
         self._done = False
@@ -173,6 +180,17 @@ class ReasonRun:
             self.interrupted()
             raise
         self._finish(self.generation.finish_reason or "length")
+
+    def analyze(self) -> Trace:
+        """Inverse analysis of the finished chain (needs a tracking engine)."""
+        from model.inverse import AnalysisConfig, analyze
+
+        if self.engine.tracker is None or self.trace.finish_reason == "interrupted" or not self.trace.tokens:
+            return self.trace
+        self.trace.analysis = analyze(
+            self.engine, self.trace, self.prompt_tokens, self.analysis_config or AnalysisConfig(), self.stops
+        )
+        return self.trace
 
     def interrupted(self) -> Trace:
         """Close the trace as interrupted (Ctrl-C in the generator or in its consumer)."""
@@ -199,9 +217,10 @@ class ReasonRun:
 
 
 def reason(engine: Engine, problem: str, on_token: Callable[[TokenRecord], None] | None = None, **kw) -> Trace:
-    """Run `sage ask` on a loaded engine and return the finished trace."""
+    """Run `sage ask` on a loaded engine and return the finished trace (with the inverse
+    analysis when the engine tracks attention)."""
     run = ReasonRun(engine, problem, **kw)
     for rec in run:
         if on_token:
             on_token(rec)
-    return run.trace
+    return run.analyze()

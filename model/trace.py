@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_NAME = "sage.trace"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class TraceError(ValueError):
@@ -40,7 +40,7 @@ class TokenRecord:
     logprob: float  # log p of the chosen token under the model (temperature 1)
     entropy: float  # nats
     varentropy: float  # nats^2
-    top: list[Alternative]  # top-5 of the distribution, most probable first
+    top: list[Alternative]  # the 6 most probable tokens, most probable first
 
     @property
     def prob(self) -> float:
@@ -67,6 +67,80 @@ class Answer:
     char_start: int
     char_end: int
     confidence: float | None  # geometric mean of the answer tokens' probabilities
+
+
+@dataclass
+class Branch:
+    """A counterfactual rollout: the alternative token forced at a decision point, then
+    decoding continued from the shared KV prefix until the model stopped."""
+
+    token_id: int
+    token_text: str
+    prob: float  # probability the model gave the alternative at the decision point
+    text: str  # the forced token's text and everything generated after it
+    token_ids: list[int]  # the forced token and the generated ones
+    answer: str | None  # normalized answer the branch reaches (None: none found)
+    changed: bool  # the answer differs from the chosen path's
+    n_tokens: int
+    finish_reason: str  # "stop" | "length" | "context"
+    mean_logprob: float  # mean log-probability of the branch's own generated tokens
+
+
+@dataclass
+class Dependency:
+    """An earlier token a decision's steps depended on (eq. 7 significance, normalized)."""
+
+    position: int  # position in the full sequence (prompt + output)
+    text: str
+    source: str  # "prompt" | "output"
+    weight: float  # normalized significance in [0, 1]
+
+
+@dataclass
+class Decision:
+    rank: int  # 1 = strongest after any refinement
+    token_index: int  # index into Trace.tokens
+    position: int  # position in the full sequence
+    step: int  # index of the step that contains the token
+    text: str
+    prob: float  # probability of the chosen token
+    entropy: float  # nats, of the distribution the token was drawn from
+    significance: float  # max normalized eq. 7 significance over the dependent steps
+    score: float  # significance x (1 - prob): how much hinged on an uncertain choice
+    dependents: list[int]  # steps whose significance for this token >= threshold
+    merged: int  # other candidate tokens of the same step merged into this one
+    alternatives: list[Alternative]  # the 5 most probable tokens other than the chosen one
+    branches: list[Branch]  # rollouts of the strongest alternatives
+    dependencies: list[Dependency]  # what the dependent steps attended to most
+    confirmed: bool | None  # a rollout changed the answer (None: nothing rolled out)
+
+
+@dataclass
+class Explanation:
+    """The paper's four parts, each a list of sentences built from measured facts."""
+
+    justification: list[str]
+    alternatives: list[str]
+    confidence: list[str]
+    dependencies: list[str]
+
+
+@dataclass
+class Analysis:
+    tracked_layers: list[int]
+    tracker: str  # "native" | "python"
+    proxy: str  # how the gradient factor of eq. 7 was estimated
+    threshold: float
+    max_decisions: int
+    alternatives: int  # rollouts per decision point
+    candidates: int  # tokens at or above the threshold before merging
+    decisions: list[Decision]
+    consistency: float | None  # share of decision points confirmed by rollouts
+    refined: bool
+    notes: list[str]
+    answer_confidence: float | None
+    explanation: Explanation
+    timings: dict[str, float]
 
 
 @dataclass
@@ -102,6 +176,7 @@ class Trace:
     steps: list[Step] = field(default_factory=list)
     answer: Answer | None = None
     finish_reason: str = "length"  # "stop" | "length" | "context" | "interrupted"
+    analysis: Analysis | None = None
     timings: dict[str, float] = field(default_factory=dict)
     created: str = ""
     sage_version: str = ""
@@ -127,11 +202,27 @@ class Trace:
             text=d["text"],
             steps=[Step(**s) for s in d["steps"]],
             answer=Answer(**d["answer"]) if d["answer"] is not None else None,
+            analysis=_analysis_from_dict(d["analysis"]) if d["analysis"] is not None else None,
             finish_reason=d["finish_reason"],
             timings=dict(d["timings"]),
             created=d["created"],
             sage_version=d["sage_version"],
         )
+
+
+def _analysis_from_dict(a: dict[str, Any]) -> Analysis:
+    decisions = [
+        Decision(
+            **{
+                **dd,
+                "alternatives": [Alternative(**x) for x in dd["alternatives"]],
+                "branches": [Branch(**b) for b in dd["branches"]],
+                "dependencies": [Dependency(**x) for x in dd["dependencies"]],
+            }
+        )
+        for dd in a["decisions"]
+    ]
+    return Analysis(**{**a, "decisions": decisions, "explanation": Explanation(**a["explanation"])})
 
 
 # --- schema ------------------------------------------------------------------------
@@ -144,6 +235,72 @@ _str = {"type": "string"}
 def _obj(props: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "required": list(props), "properties": props}
 
+
+_alt = _obj({"id": _int, "text": _str, "prob": _num})
+_strs = {"type": "array", "items": _str}
+_ints = {"type": "array", "items": _int}
+ANALYSIS_SCHEMA: dict[str, Any] = _obj(
+    {
+        "tracked_layers": _ints,
+        "tracker": {"enum": ["native", "python"]},
+        "proxy": _str,
+        "threshold": _num,
+        "max_decisions": _int,
+        "alternatives": _int,
+        "candidates": _int,
+        "decisions": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "rank": _int,
+                    "token_index": _int,
+                    "position": _int,
+                    "step": _int,
+                    "text": _str,
+                    "prob": _num,
+                    "entropy": _num,
+                    "significance": _num,
+                    "score": _num,
+                    "dependents": _ints,
+                    "merged": _int,
+                    "alternatives": {"type": "array", "items": _alt},
+                    "branches": {
+                        "type": "array",
+                        "items": _obj(
+                            {
+                                "token_id": _int,
+                                "token_text": _str,
+                                "prob": _num,
+                                "text": _str,
+                                "token_ids": _ints,
+                                "answer": {"type": ["string", "null"]},
+                                "changed": {"type": "boolean"},
+                                "n_tokens": _int,
+                                "finish_reason": {"enum": ["stop", "length", "context"]},
+                                "mean_logprob": _num,
+                            }
+                        ),
+                    },
+                    "dependencies": {
+                        "type": "array",
+                        "items": _obj(
+                            {"position": _int, "text": _str, "source": {"enum": ["prompt", "output"]}, "weight": _num}
+                        ),
+                    },
+                    "confirmed": {"type": ["boolean", "null"]},
+                }
+            ),
+        },
+        "consistency": {"type": ["number", "null"]},
+        "refined": {"type": "boolean"},
+        "notes": _strs,
+        "answer_confidence": {"type": ["number", "null"]},
+        "explanation": _obj(
+            {"justification": _strs, "alternatives": _strs, "confidence": _strs, "dependencies": _strs}
+        ),
+        "timings": {"type": "object", "additionalProperties": _num},
+    }
+)
 
 TRACE_SCHEMA: dict[str, Any] = _obj(
     {
@@ -176,7 +333,7 @@ TRACE_SCHEMA: dict[str, Any] = _obj(
                     "logprob": _num,
                     "entropy": _num,
                     "varentropy": _num,
-                    "top": {"type": "array", "items": _obj({"id": _int, "text": _str, "prob": _num})},
+                    "top": {"type": "array", "items": _alt},
                 }
             ),
         },
@@ -212,6 +369,7 @@ TRACE_SCHEMA: dict[str, Any] = _obj(
             ]
         },
         "finish_reason": {"enum": ["stop", "length", "context", "interrupted"]},
+        "analysis": {"anyOf": [{"type": "null"}, ANALYSIS_SCHEMA]},
         "timings": {"type": "object", "additionalProperties": _num},
         "created": _str,
         "sage_version": _str,

@@ -20,17 +20,34 @@ def ask(
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 512,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (with --temperature > 0).")] = 0,
-    ctx: Annotated[int, typer.Option("--ctx", help="Context size in tokens.")] = 2048,
+    ctx: Annotated[
+        int, typer.Option("--ctx", help="Context size in tokens (the chain and its rollouts share it).")
+    ] = 4096,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all, up to 8).")] = None,
+    track: Annotated[
+        bool, typer.Option("--track/--no-track", help="Track attention and run the inverse analysis.")
+    ] = True,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Decision threshold on normalized significance (paper: 0.3).")
+    ] = 0.3,
+    max_decisions: Annotated[int, typer.Option("--max-decisions", help="Most decision points to keep.")] = 3,
+    alternatives: Annotated[
+        int, typer.Option("--alternatives", help="Alternatives rolled out per decision point (0-5).")
+    ] = 2,
     json_out: JsonOpt = False,
 ) -> None:
     """Reason step by step about a problem, with each token tinted by the model's certainty.
 
-    The trace is saved under the user data dir ($SAGE_HOME overrides) as last.json.
+    With tracking (the default) sage then looks back over the chain: significance of
+    earlier tokens for each step (SAGE-nano eq. 7), decision points, the alternatives
+    the model had there and where the strongest lead when rolled out, confidence,
+    consistency and an explanation. The trace is saved under the user data dir
+    ($SAGE_HOME overrides) as last.json; `sage explain --tree` shows it as a tree.
 
     Example: sage ask "Tom has 3 boxes of 12 eggs and uses 7. How many eggs are left?"
     """
     from model.engine import Engine
+    from model.inverse import AnalysisConfig
     from model.errors import SageError
     from model.reason import ReasonRun, check_problem, process_start_time
     from model.trace import save_trace
@@ -42,10 +59,26 @@ def ask(
         raise SageError("--ctx must be at least 64 tokens")
     if threads is not None and threads < 1:
         raise SageError("--threads must be at least 1")
+    if not 0.0 <= threshold <= 1.0:
+        raise SageError("--threshold must be between 0 and 1")
+    if max_decisions < 0:
+        raise SageError("--max-decisions must be >= 0")
+    if not 0 <= alternatives <= 5:
+        raise SageError("--alternatives must be between 0 and 5")
+    cfg = AnalysisConfig(threshold=threshold, max_decisions=max_decisions, alternatives=alternatives)
     t_start = process_start_time() or T_IMPORT
     resolved = resolve_model(model)
-    engine = Engine(resolved.path, n_ctx=ctx, n_threads=threads, name=resolved.name)
-    run = ReasonRun(engine, problem, max_tokens=max_tokens, temperature=temperature, seed=seed, t_start=t_start)
+    engine = Engine(
+        resolved.path,
+        n_ctx=ctx,
+        n_threads=threads,
+        name=resolved.name,
+        track=track,
+        n_seq_max=1 + max_decisions * alternatives if track else 1,
+    )
+    run = ReasonRun(
+        engine, problem, max_tokens=max_tokens, temperature=temperature, seed=seed, t_start=t_start, analysis=cfg
+    )
     view = None if json_out else AskView()
     if view:
         view.header(run.trace.problem, resolved.name, engine.info.description, run.trace.prompt_tokens)
@@ -53,6 +86,12 @@ def ask(
         for rec in run:
             if view:
                 view.token(rec.text, rec.prob)
+        if track:
+            if view:
+                with view.analyzing(max_decisions, alternatives):
+                    run.analyze()
+            else:
+                run.analyze()
     except KeyboardInterrupt:
         saved = save_trace(run.interrupted(), sage_home())
         if view:

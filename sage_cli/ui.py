@@ -26,6 +26,11 @@ THEME = Theme(
         "answer": "bold green",
         "warn": "bold yellow",
         "error": "bold red",
+        "decision": "bold reverse magenta",
+        "sig": "magenta",
+        "same": "green",
+        "changed": "bold red",
+        "section": "bold",
     }
 )
 
@@ -72,7 +77,7 @@ class AskView:
         self.out = out
 
     def header(self, problem: str, model_name: str, description: str, prompt_tokens: int) -> None:
-        self.out.print(Text("Problem ", style="title") + Text(problem))
+        self.out.print(Text.assemble(("Problem ", "title"), problem))
         self.out.print(Text(f"model {model_name} · {description} · prompt {prompt_tokens} tokens", style="dim"))
         self.out.print(legend())
         self.out.rule(style="dim")
@@ -81,6 +86,46 @@ class AskView:
         # soft_wrap: the terminal wraps; Rich does not know the column mid-line
         self.out.print(Text(text, style=tint(prob)), end="", soft_wrap=True)
         self.out.file.flush()
+
+    def analyzing(self, n_decisions_max: int, n_alternatives: int):
+        """A spinner while the inverse analysis runs (context manager)."""
+        self.out.print()
+        return self.out.status(
+            f"inverse analysis: significance, decision points, rolling out up to "
+            f"{n_decisions_max * n_alternatives} alternatives…",
+            spinner="dots",
+        )
+
+    @staticmethod
+    def step_text(trace, step) -> Text:
+        """The step's text with its decision-point tokens highlighted and their significance."""
+        a = trace.analysis
+        marks = {}
+        if a:
+            for d in a.decisions:
+                if step.token_start <= d.token_index < step.token_end:
+                    marks[d.token_index] = d
+        if not marks:
+            return Text(step.text)
+        out = Text()
+        pos = step.char_start
+        offs = 0
+        starts = []
+        for t in trace.tokens:
+            starts.append(offs)
+            offs += len(t.text)
+        for k in sorted(marks):
+            d = marks[k]
+            a0, a1 = starts[k], starts[k] + len(trace.tokens[k].text)
+            a0, a1 = max(a0, step.char_start), min(a1, step.char_end)
+            if a0 < pos or a1 <= a0:
+                continue
+            out.append(trace.text[pos:a0])
+            out.append(trace.text[a0:a1], style="decision")
+            out.append(f"[{d.rank}: {d.significance:.2f}]", style="sig")
+            pos = a1
+        out.append(trace.text[pos : step.char_end])
+        return out
 
     def summary(self, trace, saved: Path | None) -> None:
         self.out.print()
@@ -93,8 +138,13 @@ class AskView:
             for s in trace.steps:
                 conf = bar(s.confidence)
                 conf.append(f" {s.confidence:.2f}")
-                table.add_row(str(s.index + 1), Text(s.text), conf)
+                table.add_row(str(s.index + 1), self.step_text(trace, s), conf)
             self.out.print(table)
+        if trace.analysis:
+            self.out.print(Text("[k: s] marks decision point k and its normalized significance s", style="dim"))
+            for d in trace.analysis.decisions:
+                self.out.print(self.decision_panel(d))
+            self.out.print(self.explanation_panel(trace.analysis))
         self.out.print(self.answer_panel(trace))
         t = trace.timings
         facts = [f"{len(trace.tokens)} tokens", f"{t.get('tokens_per_s', 0):.1f} tok/s"]
@@ -106,16 +156,68 @@ class AskView:
             self.out.print(Text(f"trace saved to {saved}", style="dim"))
 
     @staticmethod
+    def decision_panel(d) -> Panel:
+        table = Table(show_edge=False, box=None, pad_edge=False)
+        table.add_column("token", no_wrap=True)
+        table.add_column("p", justify="right")
+        table.add_column("leads to")
+        table.add_row(Text(repr(d.text), style="decision"), f"{d.prob:.2f}", Text("chosen path", style="dim"))
+        rolled = {b.token_id: b for b in d.branches}
+        for alt in d.alternatives:
+            b = rolled.get(alt.id)
+            if b is None:
+                lead = Text("not rolled out", style="dim")
+            elif b.changed:
+                lead = Text.assemble((f"different answer: {b.answer}", "changed"), (f"  ({b.n_tokens} tokens)", "dim"))
+            else:
+                lead = Text.assemble((f"same answer: {b.answer}", "same"), (f"  ({b.n_tokens} tokens)", "dim"))
+            table.add_row(repr(alt.text), f"{alt.prob:.2f}", lead)
+        deps = ", ".join(f"{x.text.strip() or repr(x.text)} ({x.weight:.2f})" for x in d.dependencies[:3])
+        title = (
+            f"decision {d.rank} · step {d.step + 1} · significance {d.significance:.2f}"
+            + (f" · {d.merged} more in this step" if d.merged else "")
+        )
+        body = Table.grid()
+        body.add_row(table)
+        if deps:
+            body.add_row(Text(f"attended to: {deps}", style="dim"))
+        return Panel(body, title=title, title_align="left", border_style="magenta", expand=False)
+
+    @staticmethod
+    def explanation_panel(analysis) -> Panel:
+        e = analysis.explanation
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True)
+        grid.add_column(ratio=1)
+        for title, lines in (
+            ("Decision justification", e.justification),
+            ("Alternatives", e.alternatives),
+            ("Confidence", e.confidence),
+            ("Critical dependencies", e.dependencies),
+        ):
+            if lines:
+                grid.add_row(Text(title, style="section"), "")
+                for line in lines:
+                    grid.add_row(" •", Text(line))
+        for note in analysis.notes:
+            grid.add_row(Text("refined", style="warn"), Text(note, style="warn"))
+        return Panel(grid, title="Explanation", title_align="left", border_style="cyan")
+
+    @staticmethod
     def answer_panel(trace) -> Panel:
         a = trace.answer
         if a is None or a.value is None:
             body = Text("no final answer found in the output", style="warn")
         else:
-            body = Text("Answer ", style="bold") + Text(a.value, style="answer")
-            if a.confidence is not None:
+            body = Text.assemble(("Answer ", "bold"), (a.value, "answer"))
+            an = trace.analysis
+            conf = an.answer_confidence if an and an.answer_confidence is not None else a.confidence
+            if conf is not None:
                 body.append("   confidence ")
-                body.append_text(bar(a.confidence))
-                body.append(f" {a.confidence:.2f}")
+                body.append_text(bar(conf))
+                body.append(f" {conf:.2f}")
+            if an and an.consistency is not None:
+                body.append(f"   consistency {an.consistency:.2f}" + (" (refined)" if an.refined else ""))
         return Panel(body, expand=False, border_style="green" if a and a.value else "yellow")
 
     def interrupted(self, saved: Path) -> None:

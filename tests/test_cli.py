@@ -37,7 +37,7 @@ def test_version():
     assert r.exit_code == 0 and r.stdout.startswith("sage ")
 
 
-@pytest.mark.parametrize("cmd", [[], ["ask"], ["models"]])
+@pytest.mark.parametrize("cmd", [[], ["ask"], ["explain"], ["models"]])
 def test_help_has_example(cmd):
     r = run(*cmd, "--help")
     assert r.exit_code == 0
@@ -45,7 +45,7 @@ def test_help_has_example(cmd):
 
 
 def test_ask_renders_and_saves(tmp_path):
-    r = run("ask", PROBLEM, "--max-tokens", "80")
+    r = run("ask", PROBLEM, "--max-tokens", "80", "--no-track")
     assert r.exit_code == 0, r.output
     out = r.stdout
     assert "Problem" in out and "Steps" in out
@@ -59,12 +59,31 @@ def test_ask_renders_and_saves(tmp_path):
 
 
 def test_ask_json_is_only_json():
-    r = run("ask", PROBLEM, "--max-tokens", "40", "--json")
+    r = run("ask", PROBLEM, "--max-tokens", "40", "--json", "--no-track")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["schema"] == "sage.trace"
     assert len(d["tokens"]) == 40 and d["finish_reason"] == "length"
+    assert d["analysis"] is None
     assert "\x1b[" not in r.stdout
+
+
+def test_ask_analysis_then_explain_tree(tmp_path):
+    """The user's path: ask (tracking on by default), then explain --tree from last.json."""
+    problem = "Tom has 3 boxes with 12 eggs in each box. He uses 7 eggs. How many eggs are left?"
+    r = run("ask", problem, "--max-tokens", "120", "--max-decisions", "2", "--alternatives", "1")
+    assert r.exit_code == 0, r.output
+    assert "decision 1" in r.stdout and "Explanation" in r.stdout
+    last = json.loads((Path(os.environ["SAGE_HOME"]) / "last.json").read_text())
+    a = last["analysis"]
+    assert a["decisions"] and all(len(d["branches"]) == 1 for d in a["decisions"])
+    r = run("explain", "--tree")
+    assert r.exit_code == 0, r.output
+    assert "decision" in r.stdout and problem[:30] in r.stdout
+    out = tmp_path / "tree.svg"
+    r = run("explain", "--tree", "--svg", str(out))
+    assert r.exit_code == 0, r.output
+    assert out.read_text().lstrip().startswith("<svg")
 
 
 def test_models_lists_presets():
@@ -140,7 +159,18 @@ def test_hub_model_from_cache(tmp_path, smollm2_path, monkeypatch):
     assert json.loads(r.stdout)["model"]["name"] == "hf:someorg/tiny-GGUF/tiny.gguf"
 
 
-@pytest.mark.parametrize("args", [["--max-tokens", "0"], ["--temperature", "-1"], ["--ctx", "8"], ["--threads", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--max-tokens", "0"],
+        ["--temperature", "-1"],
+        ["--ctx", "8"],
+        ["--threads", "0"],
+        ["--alternatives", "6"],
+        ["--threshold", "1.5"],
+        ["--max-decisions", "-1"],
+    ],
+)
 def test_bad_numbers(args):
     one_line_error(run("ask", PROBLEM, *args))
 

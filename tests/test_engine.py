@@ -53,7 +53,7 @@ def test_token_records_are_consistent(engine):
     assert len(recs) == 24
     for r in recs:
         probs = [a.prob for a in r.top]
-        assert len(r.top) == 5
+        assert len(r.top) == 6
         assert probs == sorted(probs, reverse=True)
         assert 0 < sum(probs) <= 1 + 1e-6
         # greedy: the chosen token is the most probable one
@@ -69,7 +69,7 @@ def test_token_stats_match_reference_on_real_logits(engine):
     engine.reset()
     engine.decode(engine.tokenize(prompt), 0)
     logits = engine.logits().copy()
-    st = token_stats(logits)
+    st = token_stats(logits, 5)
     assert st.entropy == pytest.approx(float(entropy(logits)), rel=1e-4, abs=1e-5)
     assert st.varentropy == pytest.approx(float(varentropy(logits)), rel=1e-3, abs=1e-5)
     lp = log_softmax(logits)

@@ -1,0 +1,204 @@
+"""Rich view of `sage explain`: a saved trace as a tree.
+
+Root: the problem. Children: the steps along the chosen path; under a step that holds a
+decision point, the decision and one node per alternative (rolled-out ones with their
+continuation and where it led). Last: the answer. Formatting only; the trace is read,
+never changed.
+"""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from rich.theme import Theme
+from rich.tree import Tree
+
+from sage_cli.ui import THEME, bar, console, tint
+
+# styles this view needs beyond ui.THEME; pushed on top of it while printing
+TREE_THEME = Theme(
+    {
+        "tree.decision": "bold magenta",
+        "tree.same": "green",
+        "tree.changed": "bold red",
+        "tree.guide": "dim",
+    }
+)
+
+STEP_CHARS = 160  # a step longer than this is shortened in the middle of the tree
+BRANCH_CHARS = 90  # continuation text of a rolled-out alternative
+EXPORT_WIDTH = 100  # columns of the SVG/HTML export, whatever the terminal is
+
+
+def shorten(text: str, limit: int) -> str:
+    """One line: whitespace collapsed, cut at a word boundary with '…' past `limit`."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat[: limit - 1]
+    space = cut.rfind(" ")
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…"
+
+
+def token_label(text: str) -> str:
+    """A token as the user can see it: quoted, leading spaces and newlines kept visible."""
+    return "'" + text.replace("\n", "\\n").replace("\t", "\\t") + "'"
+
+
+# Labels start from an unstyled Text and append styled parts: a style given to the first
+# part (Text("x", style=...) + ...) would become the base style of the whole label.
+
+
+def _prob(label: str, p: float) -> Text:
+    return Text.assemble((f"{label}={p:.2f}", tint(p)))
+
+
+def _meter(value: float, width: int = 8) -> Text:
+    return Text.assemble(bar(value, width), (f" {value:.2f}", tint(value)))
+
+
+def _step_text(step) -> str:
+    text = shorten(step.text, STEP_CHARS)
+    # "2. Four pens…" under our own "2": drop the model's number when it is the same
+    for mark in (f"{step.index + 1}. ", f"{step.index + 1}) "):
+        if step.kind == "numbered" and text.startswith(mark):
+            return text[len(mark) :]
+    return text
+
+
+def _step_node(step, number_width: int) -> Table:
+    # a grid, so a long step wraps under its own text, not under the number
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(ratio=1)
+    head = Text.assemble((f"{step.index + 1:>{number_width}} ", "dim"), _meter(step.confidence))
+    grid.add_row(head, Text(_step_text(step)))
+    return grid
+
+
+def _decision_label(d) -> Text:
+    t = Text.assemble(("decision ", "tree.decision"))
+    t.append(token_label(d.text), style="bold")
+    t.append(" ")
+    t.append_text(_prob("p", d.prob))
+    t.append(f", significance {d.significance:.2f}")
+    facts = [f"rank {d.rank}"]
+    if len(d.dependents) == 1:
+        facts.append(f"step {d.dependents[0] + 1} depends on it")
+    elif d.dependents:
+        facts.append(f"steps {', '.join(str(i + 1) for i in d.dependents)} depend on it")
+    t.append("  " + " · ".join(facts), style="dim")
+    return t
+
+
+def _branch_label(b) -> Text:
+    t = Text.assemble((token_label(b.token_text), "bold"), " ")
+    t.append_text(_prob("p", b.prob))
+    t.append("  → ")
+    if b.changed:
+        t.append(f"different answer: {b.answer if b.answer is not None else 'none found'}", style="tree.changed")
+    else:
+        t.append("same answer", style="tree.same")
+    if b.finish_reason != "stop":
+        t.append(f"  (stopped: {b.finish_reason})", style="dim")
+    t.append("\n")
+    # the rollout continues the step mid-sentence, from the forced token on
+    lead = "…" + (" " if b.text[:1].isspace() else "")
+    t.append(lead + shorten(b.text, BRANCH_CHARS), style="dim italic")
+    return t
+
+
+def _unrolled_label(alternatives) -> Text:
+    t = Text.assemble(("not rolled out: ", "dim"))
+    for i, a in enumerate(alternatives):
+        if i:
+            t.append(" · ", style="dim")
+        t.append(token_label(a.text))
+        t.append(f" {a.prob:.2f}", style=tint(a.prob))
+    return t
+
+
+def _add_decision(parent: Tree, d) -> None:
+    node = parent.add(_decision_label(d), guide_style="tree.guide")
+    rolled = {b.token_id for b in d.branches}
+    for b in d.branches:
+        node.add(_branch_label(b))
+    rest = [a for a in d.alternatives if a.id not in rolled]
+    if rest:
+        node.add(_unrolled_label(rest))
+
+
+def _answer_label(trace) -> Text:
+    a = trace.answer
+    if a is None or a.value is None:
+        return Text("no final answer found in the output", style="warn")
+    t = Text.assemble(("Answer ", "bold"), (a.value, "answer"))
+    an = trace.analysis
+    conf = an.answer_confidence if an is not None and an.answer_confidence is not None else a.confidence
+    if conf is not None:
+        t.append("  confidence ")
+        t.append_text(_meter(conf))
+    if an is not None and an.consistency is not None:
+        t.append("  consistency ")
+        t.append(f"{an.consistency:.2f}", style=tint(an.consistency))
+        if an.refined:
+            t.append(" (refined)", style="dim")
+    return t
+
+
+def trace_tree(trace) -> Tree:
+    """The whole trace as a `rich.tree.Tree` (styles: ui.THEME + TREE_THEME)."""
+    head = Text.assemble(("Problem ", "title"), " ".join(trace.problem.split()))
+    facts = [f"model {trace.model.name}", f"{len(trace.tokens)} tokens", f"finish: {trace.finish_reason}"]
+    if trace.created:  # "2025-05-04T10:11:12+0000" -> "2025-05-04 10:11"
+        facts.append(trace.created[:16].replace("T", " "))
+    head.append("\n" + " · ".join(facts), style="dim")
+    root = Tree(head, guide_style="tree.guide")
+
+    an = trace.analysis
+    by_step: dict[int, list] = {}
+    for d in an.decisions if an is not None else []:
+        by_step.setdefault(d.step, []).append(d)
+    width = len(str(len(trace.steps)))
+    for step in trace.steps:
+        node = root.add(_step_node(step, width))
+        for d in sorted(by_step.pop(step.index, []), key=lambda d: d.token_index):
+            _add_decision(node, d)
+    if not trace.steps:
+        root.add(Text("no steps were segmented from the output", style="dim"))
+    # a decision whose step is not in the list (should not happen) is still shown
+    for d in sorted((d for ds in by_step.values() for d in ds), key=lambda d: d.rank):
+        _add_decision(root, d)
+
+    answer = root.add(_answer_label(trace))
+    if an is None:
+        answer.add(Text("this trace has no inverse analysis (it was made with --no-track)", style="dim"))
+    else:
+        for note in an.notes:
+            answer.add(Text(note, style="dim"))
+    return root
+
+
+def show_tree(trace, out: Console = console) -> None:
+    with out.use_theme(TREE_THEME):
+        out.print(trace_tree(trace))
+
+
+def exported(fmt: str, path, out: Console = console) -> None:
+    out.print(Text(f"{fmt.upper()} written to {path}", style="dim"))
+
+
+def export_tree(trace, fmt: str, width: int = EXPORT_WIDTH) -> str:
+    """The tree as a standalone document: `fmt` is "svg" or "html"."""
+    rec = Console(theme=THEME, record=True, width=width, file=io.StringIO(), highlight=False)
+    show_tree(trace, rec)
+    if fmt == "svg":
+        return rec.export_svg(title=f"sage explain · {trace.model.name}")
+    if fmt == "html":
+        return rec.export_html()
+    raise ValueError(f"unknown export format {fmt!r}")
