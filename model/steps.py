@@ -28,8 +28,10 @@ class Found(NamedTuple):
 _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.S)
 # "1.", "1)", "Step 1:", "- ", "* ", "• " at the start of a line
 _ITEM = re.compile(r"^\s*(?:(?:step\s*)?\d{1,3}\s*[.):]|[-*•])\s+", re.I)
-# a sentence ends at . ! ? followed by space and not inside a number like 3.5 or "e.g."
-_SENT_END = re.compile(r"(?<![\d.][.])(?<=[.!?])\s+(?=\S)")
+# a sentence ends at . ! ? followed by white space (3.5 has none); abbreviations are
+# skipped in _sentences
+_SENT_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_ABBREV = re.compile(r"(?:\b[A-Za-z]\.[A-Za-z]|\b(?:etc|vs|Mr|Mrs|Ms|Dr|St|approx|no))\.$")
 
 
 def _trim(text: str, start: int, end: int) -> tuple[int, int]:
@@ -44,11 +46,10 @@ def _sentences(text: str, start: int, end: int, kind: str) -> list[Span]:
     out = []
     pos = start
     for m in _SENT_END.finditer(text, start, end):
-        # "3. " after a digit is a decimal or a list number, not a sentence end
-        if text[m.start() - 1] == "." and m.start() >= 2 and text[m.start() - 2].isdigit():
-            before = text[pos : m.start()]
-            if re.fullmatch(r"\s*\d+\.", before):
-                continue
+        before = text[pos : m.start()]
+        # "e.g. ", "Dr. " and a bare list number "3. " do not end a sentence
+        if _ABBREV.search(before) or re.fullmatch(r"\s*\d+\.", before):
+            continue
         s, e = _trim(text, pos, m.start())
         if e > s:
             out.append(Span(s, e, kind))

@@ -35,6 +35,11 @@ def test_sentences_split_but_not_decimals():
     assert {k for _, k in got} == {"sentence"}
 
 
+def test_sentence_ending_in_a_number():
+    got = texts("We divide 40 by 20. 40 / 20 = 2. So she gets 2, e.g. two coins.")
+    assert [t for t, _ in got] == ["We divide 40 by 20.", "40 / 20 = 2.", "So she gets 2, e.g. two coins."]
+
+
 def test_blank_line_blocks_and_single_sentence_block():
     got = texts("First we add.\n\nThen we multiply by two and get 10")
     assert got == [("First we add.", "block"), ("Then we multiply by two and get 10", "block")]
