@@ -283,19 +283,8 @@ class Engine:
     # --- prompt ----------------------------------------------------------------------
 
     def build_prompt(self, problem: str, system: str = SYSTEM_PROMPT) -> tuple[str, tuple[str, ...]]:
-        """The prompt text and its stop strings: the GGUF's chat template when it has one
-        llama.cpp knows, else a plain step-by-step prompt for base models."""
-        if self.chat_template is not None:
-            roles = [(b"system", system.encode()), (b"user", problem.encode())]
-            msgs = (llama_cpp.llama_chat_message * len(roles))()
-            for m, (role, content) in zip(msgs, roles):
-                m.role, m.content = role, content
-            n = llama_cpp.llama_chat_apply_template(self.chat_template, msgs, len(roles), True, None, 0)
-            if n > 0:
-                buf = ctypes.create_string_buffer(n + 1)
-                llama_cpp.llama_chat_apply_template(self.chat_template, msgs, len(roles), True, buf, len(buf))
-                return buf.raw[:n].decode("utf-8", "replace"), ()
-        return PLAIN_PROMPT.format(problem=problem), PLAIN_STOPS
+        """The prompt text and its stop strings (see format_prompt)."""
+        return format_prompt(self.chat_template, problem, system)
 
     # --- decoding --------------------------------------------------------------------
 
@@ -372,6 +361,24 @@ class Engine:
         stop: tuple[str, ...] = (),
     ) -> "Generation":
         return Generation(self, prompt_tokens, max_tokens, sampling or Sampling(), stop)
+
+
+def format_prompt(
+    chat_template: bytes | None, problem: str, system: str = SYSTEM_PROMPT
+) -> tuple[str, tuple[str, ...]]:
+    """The prompt text and its stop strings: the GGUF's chat template when it has one
+    llama.cpp knows, else a plain step-by-step prompt for base models."""
+    if chat_template is not None:
+        roles = [(b"system", system.encode()), (b"user", problem.encode())]
+        msgs = (llama_cpp.llama_chat_message * len(roles))()
+        for m, (role, content) in zip(msgs, roles):
+            m.role, m.content = role, content
+        n = llama_cpp.llama_chat_apply_template(chat_template, msgs, len(roles), True, None, 0)
+        if n > 0:
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_chat_apply_template(chat_template, msgs, len(roles), True, buf, len(buf))
+            return buf.raw[:n].decode("utf-8", "replace"), ()
+    return PLAIN_PROMPT.format(problem=problem), PLAIN_STOPS
 
 
 class Generation:

@@ -87,7 +87,9 @@ def _segment_region(text: str, start: int, end: int, think: bool) -> list[Span]:
                 if e > s:
                     spans.append(Span(s, e, "think" if think else "numbered"))
         else:
-            sents = _sentences(text, bs, be, "think" if think else "sentence")
+            # each line is a step of its own (split further into sentences)
+            kind = "think" if think else "sentence"
+            sents = [sp for ls, le in lines for sp in _sentences(text, ls, le, kind)]
             if len(sents) == 1 and not think:
                 sents = [Span(sents[0].start, sents[0].end, "block")]
             spans.extend(sents)
@@ -98,7 +100,8 @@ def segment_steps(text: str) -> list[Span]:
     """Split generated reasoning into steps.
 
     `<think>` sections are segmented on their own (kind "think"); elsewhere numbered or
-    bulleted lines each make a step, other blank-line blocks are split into sentences.
+    bulleted lines each make a step (with their continuation lines), other lines are
+    split into sentences; a blank-line block that is one sentence is kind "block".
     """
     spans: list[Span] = []
     pos = 0

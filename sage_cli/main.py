@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from model import __version__
-from sage_cli import ask, explain, models
+from sage_cli import ask, bench, explain, models
 
 app = typer.Typer(
     name="sage",
@@ -39,6 +39,7 @@ def root(
 
 app.command("ask")(ask.ask)
 app.command("explain")(explain.explain)
+app.command("bench")(bench.bench)
 app.command("models")(models.models)
 
 

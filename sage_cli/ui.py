@@ -225,6 +225,91 @@ class AskView:
         self.out.print(Text(f"interrupted; partial trace saved to {saved}", style="warn"))
 
 
+class BenchView:
+    """Progress while `sage bench` runs, then its table."""
+
+    LABELS = {
+        "llama": "(0) llama-cpp-python",
+        "forward": "(1) sage forward",
+        "track": "(2) + tracking",
+        "analysis": "(3) + analysis",
+        "rollouts": "(4) + rollouts",
+    }
+
+    def __init__(self, out: Console = console) -> None:
+        self.out = out
+
+    def progress(self, total: int, description: str):
+        """Context manager yielding a step(config) callback."""
+        from contextlib import contextmanager
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        @contextmanager
+        def cm():
+            with Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=self.out, transient=True,
+            ) as prog:
+                task = prog.add_task(description, total=total)
+                yield lambda config: prog.update(task, advance=1, description=f"{description} · {config}")
+
+        return cm()
+
+    @staticmethod
+    def _pct(x) -> str:
+        return "—" if x is None else f"{x * 100:+.1f} %"
+
+    def results(self, r: dict, saved: Path | None) -> None:
+        mem = r["mem"]
+        table = Table(
+            title=f"sage bench · {r['model']} · {r['problems']} · {r['reps']} reps · ≤{r['max_tokens']} tokens",
+            title_style="title", show_edge=False,
+        )
+        for col, j in (("configuration", "left"), ("tok/s (min–max)", "right"), ("s / problem", "right"),
+                       ("time vs (1)", "right"), ("time vs (0)", "right")):
+            table.add_column(col, justify=j, no_wrap=True)
+        if mem:
+            for col in ("peak RSS", "mem vs (1)"):
+                table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("accuracy", justify="right")
+        for c, row in r["configs"].items():
+            t, p = row["tokens_per_s"], row["time_per_problem_s"]
+            cells = [
+                self.LABELS.get(c, c),
+                f"{t['median']:.1f} ({t['min']:.0f}–{t['max']:.0f})",
+                f"{p['median']:.2f}",
+                self._pct(row.get("time_overhead_vs_forward")),
+                self._pct(row.get("time_overhead_vs_llama")),
+            ]
+            if mem:
+                cells += [f"{row['memory']['peak_rss'] / 2**20:.0f} MiB", self._pct(row.get("memory_overhead_vs_forward"))]
+            acc = f"{row['accuracy']:.2f}"
+            if "vote_accuracy" in row:
+                acc += f" · vote {row['vote_accuracy']:.2f}"
+            cells.append(acc)
+            table.add_row(*cells)
+        self.out.print(table)
+        paper = r["paper"]
+        self.out.print(Text(
+            f"paper (SAGE-nano): inverse reasoning costs {paper['time_overhead'] * 100:.0f} % time, "
+            f"{paper['memory_overhead'] * 100:.0f} % memory — compare with (3) + analysis", style="dim"))
+        if mem:
+            m = next(iter(r["configs"].values()))["memory"]
+            tr = r["configs"].get("track", {}).get("memory", {})
+            self.out.print(Text(
+                f"model file {m['weights_file'] / 2**20:.0f} MiB · KV cache {m['kv_cache'] / 2**20:.0f} MiB (allocated, f16) · "
+                f"tracking buffers {tr.get('tracking_buffers', 0) / 2**20:.1f} MiB · heads: none (no sidecar yet)",
+                style="dim"))
+        for c, row in r["configs"].items():
+            if "vote_accuracy" in row:
+                self.out.print(Text(
+                    f"greedy {row['accuracy']:.2f} vs branch-vote {row['vote_accuracy']:.2f}; tokens per problem "
+                    f"{row['tokens_per_problem']:.0f} vs {row['vote_tokens_per_problem']:.0f}", style="dim"))
+        if saved:
+            self.out.print(Text(f"saved to {saved}", style="dim"))
+
+
 def models_table(rows: Iterable[tuple[str, str, str, str | None, bool]]) -> Table:
     """rows: (name, description, source, where it is on this machine or None, is default)."""
     table = Table(title="Models", title_style="title", show_edge=False, expand=True)

@@ -40,6 +40,11 @@ def test_sentence_ending_in_a_number():
     assert [t for t, _ in got] == ["We divide 40 by 20.", "40 / 20 = 2.", "So she gets 2, e.g. two coins."]
 
 
+def test_unnumbered_lines_are_steps():
+    got = texts("10 bags x 10 cookies = 100 cookies\nOmar has 100 cookies")
+    assert got == [("10 bags x 10 cookies = 100 cookies", "sentence"), ("Omar has 100 cookies", "sentence")]
+
+
 def test_blank_line_blocks_and_single_sentence_block():
     got = texts("First we add.\n\nThen we multiply by two and get 10")
     assert got == [("First we add.", "block"), ("Then we multiply by two and get 10", "block")]

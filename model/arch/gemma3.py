@@ -73,9 +73,9 @@ class RMSNorm(llama.RMSNorm):
     """Gemma's RMSNorm: weights stored as an offset from 1."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
+        return (h * (1.0 + self.weight.to(h.dtype))).to(x.dtype)
 
 
 class Attention(llama.Attention):

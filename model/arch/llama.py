@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalize in float32 whatever the weights' dtype, as HF and llama.cpp do
-        h = x.float()
+        # normalize in float32 at least, whatever the weights' dtype, as HF and llama.cpp do
+        # (float64 stays float64: finite-difference checks of gradients need it)
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -153,6 +154,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * hs, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * hs, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hs, dim, bias=o_bias)
+        # set by Model.forward(output_attentions=...): compute the probabilities explicitly
+        # (SDPA does not return them) and keep the last call's in `probs` (B, nh, T, T_past+T)
+        self.keep_probs = False
+        self.probs: torch.Tensor | None = None
 
     @staticmethod
     def biases(args: ModelArgs) -> tuple[bool, bool]:
@@ -175,7 +180,14 @@ class Attention(nn.Module):
             k = torch.cat([past[0], k], dim=2)  # (B, nkv, T_past+T, hs)
             v = torch.cat([past[1], v], dim=2)
         # query head h reads kv head h // (nh / nkv), as HF's repeat_kv and llama.cpp do
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)  # (B, nh, T, hs)
+        if self.keep_probs:
+            group = self.n_heads // self.n_kv_heads
+            kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, Tk, hs)
+            scores = (q @ kr.transpose(-2, -1)) * self.scale  # (B, nh, T, Tk)
+            self.probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = self.probs @ vr  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y), (k, v)
 
@@ -274,17 +286,34 @@ class Model(nn.Module):
         cache: Cache | None = None,
         output_hidden_states: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | Sequence[int] = False,
     ):
         """Logits (B, T, V) for `input_ids` (B, T), or for `inputs_embeds` (B, T, C) as
         returned by `embed`. With `cache` (from `make_cache`) positions continue after what
         it holds, and it is extended in place. With `output_hidden_states`, returns
         (logits, hidden) where hidden[0] enters layer 0 and hidden[i + 1] is the residual
         stream after layer i (before the final norm); all are in the autograd graph, so
-        `torch.autograd.grad(loss, hidden[i])` gives per-token gradients."""
+        `torch.autograd.grad(loss, hidden[i])` gives per-token gradients.
+
+        `output_attentions` (True: every layer; or the layer indices wanted) appends a
+        list with one (B, nh, T, T_past+T) tensor of attention probabilities per layer
+        (None for layers not asked for) to what is returned. Those layers compute
+        attention explicitly instead of through SDPA: same function, slower."""
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        out, hidden = self.model(h, cache)
+        n = len(self.layers)
+        wanted = set(range(n)) if output_attentions is True else set(output_attentions or ())
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.keep_probs = i in wanted
+        try:
+            out, hidden = self.model(h, cache)
+            attentions = [self.layers[i].self_attn.probs if i in wanted else None for i in range(n)]
+        finally:
+            for layer in self.layers:
+                layer.self_attn.keep_probs, layer.self_attn.probs = False, None
         logits = self.lm_logits(out)  # (B, T, V)
-        return (logits, hidden) if output_hidden_states else logits
+        asked = output_attentions is not False and output_attentions is not None
+        extra = ((hidden,) if output_hidden_states else ()) + ((attentions,) if asked else ())
+        return (logits, *extra) if extra else logits
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.args.tie_word_embeddings:

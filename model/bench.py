@@ -1,0 +1,451 @@
+"""`sage bench` as a library: what inverse reasoning costs, measured, and what it buys.
+
+Configurations, on the same model, problems and greedy settings:
+  0 llama      llama-cpp-python's own `Llama.create_completion` (external baseline)
+  1 forward    sage generation only
+  2 track      + attention tracking (native eval callback)
+  3 analysis   + inverse analysis without rollouts
+  4 rollouts   + rollouts of the alternatives at each decision point
+Per repetition the configurations run interleaved (problem by problem) so machine noise
+hits them alike; a warm-up pass is excluded. With `mem`, each (configuration,
+repetition) runs in its own subprocess so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from model.errors import SageError
+from model.steps import normalize_number
+
+CONFIGS = ("llama", "forward", "track", "analysis", "rollouts")
+PAPER = {"time_overhead": 0.14, "memory_overhead": 0.10}
+
+
+@dataclass
+class Problem:
+    text: str  # what the model is asked (AQuA: question + options)
+    gold: str  # normalized answer: a number or an option letter
+    kind: str  # "number" | "option"
+
+
+@dataclass
+class BenchSettings:
+    model_path: str
+    max_tokens: int = 160
+    n_ctx: int = 4096
+    threshold: float = 0.3
+    max_decisions: int = 3
+    alternatives: int = 2
+    threads: int | None = None
+
+
+# --- problem sets ----------------------------------------------------------------------
+
+
+def default_data_dir() -> Path | None:
+    """../shared/data beside the checkout (or $SAGE_DATA)."""
+    env = os.environ.get("SAGE_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[1]
+    for cand in (here.parent / "shared" / "data", here / "shared" / "data"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _gsm8k(obj: dict) -> Problem:
+    gold = normalize_number(obj["answer"].rsplit("####", 1)[-1])
+    if gold is None:
+        raise ValueError("no '#### N' answer")
+    return Problem(obj["question"].strip(), gold, "number")
+
+
+def _aqua(obj: dict) -> Problem:
+    opts = " ".join(o.strip() for o in obj["options"])
+    return Problem(f"{obj['question'].strip()}\nOptions: {opts}", obj["correct"].strip().upper(), "option")
+
+
+def load_problems(path: Path) -> list[Problem]:
+    """GSM8K (question, answer '#### N') or AQuA (question, options, correct) JSONL."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise SageError(f"cannot read problems file {path}: {e.strerror or e}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if "options" in obj and "correct" in obj:
+                out.append(_aqua(obj))
+            elif "answer" in obj:
+                out.append(_gsm8k(obj))
+            else:
+                raise ValueError("neither GSM8K (question, answer) nor AQuA (question, options, correct)")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SageError(f"{path}:{n}: not a GSM8K or AQuA problem ({e})") from None
+    if not out:
+        raise SageError(f"{path} holds no problems")
+    return out
+
+
+def arithmetic_problems(n: int, seed: int = 0) -> list[Problem]:
+    """Simple one- or two-operation word problems with known answers, seeded."""
+    rng = random.Random(seed)
+    things = ["apples", "pens", "books", "stickers", "coins", "marbles", "cookies", "cards"]
+    names = ["Tom", "Sara", "Ali", "Mia", "Ben", "Lena", "Omar", "Eva"]
+    out = []
+    for _ in range(n):
+        who, what = rng.choice(names), rng.choice(things)
+        a, b = rng.randint(2, 40), rng.randint(2, 20)
+        op = rng.choice(["add", "sub", "mul"])
+        if op == "add":
+            text, gold = f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have now?", a + b
+        elif op == "sub":
+            a = a + b
+            text, gold = f"{who} has {a} {what} and gives away {b}. How many {what} are left?", a - b
+        else:
+            a = rng.randint(2, 12)
+            text, gold = f"{who} buys {a} bags with {b} {what} in each bag. How many {what} is that?", a * b
+        out.append(Problem(text, str(gold), "number"))
+    return out
+
+
+def problem_set(spec: str | None, n: int, seed: int = 0) -> tuple[str, list[Problem]]:
+    """(label, problems): a JSONL path, or 'gsm8k' / 'aqua' (a fixed seeded sample of
+    ../shared/data), or 'arithmetic' (generated)."""
+    spec = spec or "gsm8k"
+    if n < 1:
+        raise SageError("--n must be at least 1")
+    if spec == "arithmetic":
+        return f"arithmetic (seed {seed})", arithmetic_problems(n, seed)
+    if spec in ("gsm8k", "aqua"):
+        data = default_data_dir()
+        name = "gsm8k_train.jsonl" if spec == "gsm8k" else "aqua_dev.jsonl"
+        if data is None or not (data / name).is_file():
+            raise SageError(f"the {spec} sample needs shared/data/{name} beside the checkout (or $SAGE_DATA); "
+                            "or pass --problems FILE")
+        probs = load_problems(data / name)
+        idx = sorted(random.Random(seed).sample(range(len(probs)), min(n, len(probs))))
+        return f"{spec} sample of {len(idx)} (seed {seed})", [probs[i] for i in idx]
+    path = Path(spec)
+    if not path.exists():
+        raise SageError(f"no problems file {spec} (or use gsm8k, aqua, arithmetic)")
+    probs = load_problems(path)
+    return f"{path.name} ({min(n, len(probs))} of {len(probs)})", probs[:n]
+
+
+def score(answer: str | None, p: Problem) -> bool:
+    if answer is None:
+        return False
+    if p.kind == "option":
+        return answer.upper() == p.gold
+    try:
+        return math.isclose(_as_float(answer), _as_float(p.gold), rel_tol=1e-6, abs_tol=1e-9)
+    except (ValueError, ZeroDivisionError):
+        return answer == p.gold
+
+
+def _as_float(s: str) -> float:
+    if "/" in s:
+        a, b = s.split("/", 1)
+        return float(a) / float(b)
+    return float(s)
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+def rss_now() -> int:
+    """Current resident set size in bytes (Linux /proc; elsewhere the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+@dataclass
+class Run:
+    """One configuration over the problem set, once."""
+
+    config: str
+    tokens: int = 0  # chain tokens generated
+    gen_s: float = 0.0  # generation time (first token to last)
+    total_s: float = 0.0  # generation + analysis (+ rollouts)
+    rollout_tokens: int = 0
+    answers: list = field(default_factory=list)  # per problem: greedy answer
+    votes: list = field(default_factory=list)  # per problem: branch-vote answer (config 4)
+    spent: list = field(default_factory=list)  # per problem: tokens spent (chain + rollouts)
+    mem: dict = field(default_factory=dict)
+
+
+class Runner:
+    """Holds the loaded models of one process and runs configurations on problems."""
+
+    def __init__(self, s: BenchSettings, configs: tuple[str, ...]) -> None:
+        from model.engine import Engine
+
+        self.s = s
+        self.mem: dict[str, int] = {"rss_start": rss_now()}
+        self.engines: dict[str, object] = {}
+        self.llm = None
+        need_plain = "forward" in configs
+        need_tracked = any(c in configs for c in ("track", "analysis", "rollouts"))
+        if "llama" in configs:
+            from llama_cpp import Llama
+
+            from model.engine import default_threads
+
+            self.llm = Llama(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads or default_threads(),
+                             n_threads_batch=s.threads or default_threads(), verbose=False)
+            self.mem["rss_model"] = rss_now()
+        if need_plain:
+            self.engines["plain"] = Engine(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads)
+            self.mem["rss_model"] = rss_now()
+        if need_tracked:
+            n_seq = 1 + s.max_decisions * s.alternatives if "rollouts" in configs else 1
+            self.engines["tracked"] = eng = Engine(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads, track=True,
+                                                   n_seq_max=n_seq)
+            self.mem["rss_model"] = rss_now()
+            eng.tracker.allocate(eng.n_ctx, s.max_tokens + 1)
+            self.mem["tracking_buffers"] = int(sum(a.nbytes for a in (eng.tracker.attn, eng.tracker.vattn,
+                                                                      eng.tracker.vnorm, eng.tracker.scratch)))
+        e = next(iter(self.engines.values()), None)
+        if e is not None:
+            # f16 K and V for every layer and cell, as llama.cpp allocates them
+            self.mem["kv_cache"] = int(e.n_ctx * e.n_layer * 2 * e.n_head_kv * e.head_dim_v * 2)
+        elif self.llm is not None:
+            import llama_cpp
+
+            m = self.llm.model
+            n_embd, n_head = llama_cpp.llama_model_n_embd(m), llama_cpp.llama_model_n_head(m)
+            self.mem["kv_cache"] = int(self.llm.n_ctx() * llama_cpp.llama_model_n_layer(m) * 2
+                                       * llama_cpp.llama_model_n_head_kv(m) * (n_embd // n_head) * 2)
+        self.mem["weights_file"] = os.path.getsize(s.model_path)
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+        if self.llm is not None:
+            self.llm.close()
+
+    def run(self, config: str, problems: list[Problem], on_problem: Callable[[], None] | None = None) -> Run:
+        from model.inverse import AnalysisConfig
+        from model.reason import ReasonRun
+
+        s = self.s
+        out = Run(config)
+        for p in problems:
+            if config == "llama":
+                from model.engine import format_prompt
+
+                tmpl = self.llm.metadata.get("tokenizer.chat_template")
+                prompt, _ = format_prompt(tmpl.encode() if tmpl else None, p.text)
+                toks = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+                t0 = time.perf_counter()
+                t_first, n, text = None, 0, ""
+                for chunk in self.llm.create_completion(toks, max_tokens=s.max_tokens, temperature=0.0, stream=True):
+                    n += 1
+                    text += chunk["choices"][0]["text"]
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                t1 = time.perf_counter()
+                from model.steps import extract_answer
+
+                out.tokens += n
+                out.gen_s += t1 - (t_first or t1)
+                out.total_s += t1 - t0
+                ans = extract_answer(text, p.text).value
+                out.answers.append(ans)
+                out.spent.append(n)
+            else:
+                eng = self.engines["plain" if config == "forward" else "tracked"]
+                cfg = AnalysisConfig(threshold=s.threshold, max_decisions=s.max_decisions,
+                                     alternatives=s.alternatives if config == "rollouts" else 0)
+                t0 = time.perf_counter()
+                run = ReasonRun(eng, p.text, max_tokens=s.max_tokens, analysis=cfg)
+                for _ in run:
+                    pass
+                if config in ("analysis", "rollouts"):
+                    run.analyze()
+                t1 = time.perf_counter()
+                tr = run.trace
+                n = len(tr.tokens)
+                out.tokens += n
+                tps = tr.timings.get("tokens_per_s", 0.0)
+                out.gen_s += (n - 1) / tps if tps > 0 and n > 1 else 0.0
+                out.total_s += t1 - t0
+                ans = tr.answer.value if tr.answer else None
+                out.answers.append(ans)
+                spent = n
+                if tr.analysis is not None:
+                    spent += int(tr.analysis.timings.get("rollout_tokens", 0))
+                    out.rollout_tokens += int(tr.analysis.timings.get("rollout_tokens", 0))
+                out.spent.append(spent)
+                if config == "rollouts":
+                    out.votes.append(branch_vote(tr))
+            if on_problem:
+                on_problem()
+        return out
+
+
+def branch_vote(trace) -> str | None:
+    """Answer of the chosen path and its rollouts, weighted by probability: at every
+    decision point the chosen token's probability votes for the chain's answer and each
+    rolled-out alternative's for its branch's answer."""
+    chain = trace.answer.value if trace.answer else None
+    a = trace.analysis
+    if a is None or not any(d.branches for d in a.decisions):
+        return chain
+    votes: dict[str | None, float] = {}
+    for d in a.decisions:
+        if not d.branches:
+            continue
+        votes[chain] = votes.get(chain, 0.0) + d.prob
+        for b in d.branches:
+            votes[b.answer] = votes.get(b.answer, 0.0) + b.prob
+    votes.pop(None, None)
+    if not votes:
+        return chain
+    return max(votes.items(), key=lambda kv: (kv[1], kv[0] == chain))[0]
+
+
+# --- subprocess worker (for --mem) -------------------------------------------------------------
+
+
+def worker_main() -> None:
+    """python -m model.bench: run one configuration on the problems given as JSON on
+    stdin; print the Run (with memory facts) as JSON."""
+    job = json.loads(sys.stdin.read())
+    s = BenchSettings(**job["settings"])
+    problems = [Problem(**p) for p in job["problems"]]
+    config = job["config"]
+    runner = Runner(s, (config,))
+    if job.get("warmup"):
+        runner.run(config, problems[:1])
+    out = runner.run(config, problems)
+    out.mem = {**runner.mem, "peak_rss": peak_rss()}
+    runner.close()
+    print(json.dumps(asdict(out)))
+
+
+def run_in_subprocess(config: str, s: BenchSettings, problems: list[Problem], warmup: bool) -> Run:
+    job = {"settings": asdict(s), "problems": [asdict(p) for p in problems], "config": config, "warmup": warmup}
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "model.bench"], input=json.dumps(job), capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SageError(f"bench worker for {config} failed: {last}")
+    return Run(**json.loads(proc.stdout))
+
+
+# --- the whole bench ---------------------------------------------------------------------------
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else 0.0
+
+
+def summarize(runs: dict[str, list[Run]], problems: list[Problem], mem: bool) -> dict:
+    """Per configuration: tokens/s and time per problem (median/min/max over repetitions),
+    overheads against forward (1) and llama (0), memory, and accuracy."""
+    table = {}
+    n_prob = len(problems)
+    for c, rs in runs.items():
+        tps = [r.tokens / r.gen_s for r in rs if r.gen_s > 0]
+        tpp = [r.total_s / n_prob for r in rs]
+        row = {
+            "tokens_per_s": {"median": _median(tps), "min": min(tps, default=0.0), "max": max(tps, default=0.0)},
+            "time_per_problem_s": {"median": _median(tpp), "min": min(tpp, default=0.0), "max": max(tpp, default=0.0)},
+            "tokens_per_problem": _median([r.tokens / n_prob for r in rs]),
+            "rollout_tokens_per_problem": _median([r.rollout_tokens / n_prob for r in rs]),
+        }
+        if mem:
+            row["memory"] = {k: _median([r.mem.get(k, 0) for r in rs]) for k in
+                             ("weights_file", "rss_model", "kv_cache", "tracking_buffers", "peak_rss")}
+        first = rs[0]
+        row["accuracy"] = sum(score(a, p) for a, p in zip(first.answers, problems)) / n_prob
+        if first.votes:
+            row["vote_accuracy"] = sum(score(a, p) for a, p in zip(first.votes, problems)) / n_prob
+            row["vote_tokens_per_problem"] = sum(first.spent) / n_prob
+        table[c] = row
+    for c, row in table.items():
+        for base in ("forward", "llama"):
+            if base in table and table[base]["time_per_problem_s"]["median"] > 0:
+                row[f"time_overhead_vs_{base}"] = (
+                    row["time_per_problem_s"]["median"] / table[base]["time_per_problem_s"]["median"] - 1.0
+                )
+            if mem and base in table and table[base]["memory"]["peak_rss"] > 0:
+                row[f"memory_overhead_vs_{base}"] = row["memory"]["peak_rss"] / table[base]["memory"]["peak_rss"] - 1.0
+    return table
+
+
+def run_bench(
+    s: BenchSettings,
+    problems: list[Problem],
+    reps: int = 2,
+    mem: bool = False,
+    configs: tuple[str, ...] = CONFIGS,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, list[Run]]:
+    """Run every configuration `reps` times, interleaved; returns the raw runs."""
+    if reps < 1:
+        raise SageError("--reps must be at least 1")
+    runs: dict[str, list[Run]] = {c: [] for c in configs}
+    if mem:
+        for rep in range(reps):
+            for c in configs:
+                runs[c].append(run_in_subprocess(c, s, problems, warmup=True))
+                if on_step:
+                    on_step(c)
+        return runs
+    runner = Runner(s, configs)
+    try:
+        for c in configs:  # warm-up, excluded
+            runner.run(c, problems[:1])
+        for rep in range(reps):
+            parts = {c: Run(c) for c in configs}
+            for p in problems:  # interleaved problem by problem
+                for c in configs:
+                    r = runner.run(c, [p])
+                    acc = parts[c]
+                    acc.tokens += r.tokens
+                    acc.gen_s += r.gen_s
+                    acc.total_s += r.total_s
+                    acc.rollout_tokens += r.rollout_tokens
+                    acc.answers += r.answers
+                    acc.votes += r.votes
+                    acc.spent += r.spent
+                    if on_step:
+                        on_step(c)
+            for c in configs:
+                runs[c].append(parts[c])
+    finally:
+        runner.close()
+    return runs
+
+
+if __name__ == "__main__":
+    worker_main()

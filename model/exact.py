@@ -1,0 +1,350 @@
+"""Paper eq. 7 in its exact form on the torch reference model, and how well the llama.cpp
+path's proxy ranks like it.
+
+    Significance(t_j, i) = w_ij * |grad_{h_j} L_i| * H_i
+
+The llama.cpp path (model/inverse.py) replaces the gradient factor by the attention-
+weighted value norm, because llama.cpp has no backward pass. Here one forward pass of
+the torch model (model/arch, weights dequantized from the same GGUF) over prompt +
+generated tokens gives the attention w, the step NLLs L_i and entropies H_i, and one
+backward pass per step gives |grad_{h_j} L_i| for every position j. Everything else
+(which queries make a step's attention row, the candidate positions, the per-step
+normalization) is what `inverse.significance_matrix` does, so the two matrices compare
+entry for entry.
+
+This module imports torch: only `--exact`, tests and scripts import it, never the
+default `sage ask` path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kernels.reference import aggregate_rows, eq7_significance, normalize_max, value_norm_proxy
+from model.engine import Engine
+from model.errors import SageError
+from model.inverse import AnalysisConfig, map_prompt, significance_matrix
+from model.trace import Trace
+
+BACKWARD_CHUNK = 8  # steps per batched backward pass
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """The torch reference model of a GGUF (float32), loaded once per path and process.
+    Its weights need no gradient: only activations are differentiated."""
+    key = str(Path(path).resolve())
+    model = _MODELS.get(key)
+    if model is None:
+        from model.arch import load_gguf
+
+        model = load_gguf(path).requires_grad_(False)
+        _MODELS[key] = model
+    return model
+
+
+@dataclass
+class ExactResult:
+    """Eq. 7 on the torch model for every step of a trace. Positions index the full
+    sequence (prompt + generated), as in `inverse.significance_matrix`."""
+
+    significance: np.ndarray  # (n_steps, n_pos) exact eq. 7, normalized per step over `candidates`
+    grad_norm: np.ndarray  # (n_steps, n_pos) |grad_{h_j} L_i|, raw
+    proxy: np.ndarray  # (n_steps, n_pos) the llama.cpp path's proxy formula on the torch model's tensors
+    candidates: np.ndarray  # (n_steps, n_pos) bool: the positions significance is ranked over
+    attn: np.ndarray  # (n_gen, n_pos) tracker-layout rows: row k = query that produced token k
+    vattn: np.ndarray  # (n_gen, n_pos) the same rows weighted by value norms
+    entropy: np.ndarray  # (n_steps,) H_i: mean predictive entropy of the step's tokens (nats)
+    nll: np.ndarray  # (n_steps,) L_i: sum of -log p of the step's tokens
+    n_prompt: int
+    layers: list[int]  # tracked layers: attention averaged over these and all heads
+    grad_layer: int  # hidden[grad_layer] is differentiated (0 = embedding output)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        """How the gradient factor was computed, in the words of Analysis.proxy."""
+        where = "the embedding output" if self.grad_layer == 0 else f"the residual stream entering layer {self.grad_layer}"
+        return f"exact |grad_h L_i| (torch reference model, w.r.t. {where})"
+
+
+def candidate_mask(content: np.ndarray, n_prompt: int, token_start: int) -> np.ndarray:
+    """Positions a step's significance is ranked over: content tokens before the query
+    that produced the step's first token (the same rule as inverse.significance_matrix)."""
+    mask = content.copy()
+    mask[max(n_prompt + token_start - 1, 0) :] = False
+    return mask
+
+
+def default_layers(model: torch.nn.Module) -> list[int]:
+    """The layers the llama.cpp tracker observes by default (kernels.tracker)."""
+    from kernels.tracker import default_layers as pick
+
+    types = getattr(model.args, "layer_types", None)
+    full = [i for i in range(len(model.layers)) if types is None or types[i] == "full_attention"]
+    return [full[i] for i in pick(len(full))]
+
+
+def exact_from_model(
+    model: torch.nn.Module,
+    trace: Trace,
+    prompt_tokens: list[int],
+    content: np.ndarray,
+    layers: list[int],
+    grad_layer: int | None = None,
+) -> ExactResult:
+    """Eq. 7 for every step of `trace` on a loaded torch model (no llama.cpp involved).
+
+    content: (n_pos,) bool, the positions that may be significant (problem tokens of the
+    prompt, every generated token). grad_layer: which residual stream h_j is: hidden
+    [grad_layer] enters layer grad_layer (0 = the embedding output); default the first
+    tracked layer, the stream the tracked attention reads from."""
+    n_prompt, n_gen = len(prompt_tokens), len(trace.tokens)
+    n_layer = len(model.layers)
+    layers = sorted(set(layers))
+    if not layers or not all(0 <= il < n_layer for il in layers):
+        raise SageError(f"tracked layers {layers} do not fit the {n_layer}-layer model")
+    grad_layer = layers[0] if grad_layer is None else grad_layer
+    if not 0 <= grad_layer <= n_layer:
+        raise SageError(f"grad_layer {grad_layer} is not in 0..{n_layer}")
+    if n_prompt < 1 or n_gen < 1:
+        raise SageError("the trace has no prompt or no generated tokens")
+    n_pos = n_prompt + n_gen
+    if content.shape != (n_pos,):
+        raise ValueError(f"content has shape {content.shape}, expected ({n_pos},)")
+    ids = torch.tensor([list(prompt_tokens) + [t.id for t in trace.tokens]])  # (1, T)
+    if int(ids.max()) >= model.args.vocab_size:
+        raise SageError("the trace's token ids do not fit this model's vocabulary: a different model made it")
+
+    vnorm: dict[int, torch.Tensor] = {}  # layer -> (nkv, T) norms of the value vectors
+    attn_mod = model.layers[0].self_attn
+    nkv, hs, group = attn_mod.n_kv_heads, attn_mod.head_dim, attn_mod.n_heads // attn_mod.n_kv_heads
+
+    def keep_values(il):
+        def hook(_mod, _inp, out):  # out: (1, T, nkv * hs), as llama.cpp's Vcur-<il>
+            vnorm[il] = out.detach()[0].view(-1, nkv, hs).norm(dim=-1).T
+
+        return hook
+
+    hooks = [model.layers[il].self_attn.v_proj.register_forward_hook(keep_values(il)) for il in layers]
+    t0 = time.perf_counter()
+    try:
+        # the weights need no gradient, so the graph starts at the embeddings
+        h0 = model.embed(ids).detach().requires_grad_()  # (1, T, C)
+        _, hidden, attentions = model(inputs_embeds=h0, output_hidden_states=True, output_attentions=layers)
+    finally:
+        for h in hooks:
+            h.remove()
+    q = torch.arange(n_prompt - 1, n_pos - 1)  # the query that produced generated token k
+    # the logits again, of the rows that predict generated tokens only: the backward passes
+    # then skip the (T, V) x (V, C) product over the prompt rows
+    logits = model.lm_logits(model.model.norm(hidden[-1][:, q]))[0]  # (n_gen, V)
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # (n_gen, V)
+    nll = -logp.gather(1, ids[0, n_prompt:, None])[:, 0]  # (n_gen,), in the graph
+    ent = -(logp.exp() * logp).sum(-1).detach().double().numpy()  # (n_gen,)
+    with torch.no_grad():
+        probs = torch.stack([attentions[il][0][:, q] for il in layers]).double()  # (L, nh, n_gen, T)
+        vn = torch.stack([vnorm[il] for il in layers]).double().repeat_interleave(group, dim=1)  # (L, nh, T)
+        attn = probs.mean((0, 1)).numpy()  # (n_gen, T): mean over tracked layers and heads
+        vattn = (probs * vn[:, :, None, :]).mean((0, 1)).numpy()  # (n_gen, T)
+    del attentions, probs
+    t1 = time.perf_counter()
+
+    target = hidden[grad_layer]
+    n_steps = len(trace.steps)
+    sig = np.zeros((n_steps, n_pos))
+    gnorm = np.zeros((n_steps, n_pos))
+    cands = np.zeros((n_steps, n_pos), dtype=bool)
+    h_step = np.zeros(n_steps)
+    l_step = np.zeros(n_steps)
+    live = [s for s in trace.steps if s.token_end > s.token_start]
+    # row n selects step n's tokens: grad of E[n] . nll is grad of L_n. Backward passes
+    # for several steps run batched (vmap over grad_outputs), a chunk at a time to bound memory
+    sel = torch.zeros(len(live), n_gen, dtype=nll.dtype)
+    for n, s in enumerate(live):
+        sel[n, s.token_start : s.token_end] = 1.0
+    for c in range(0, len(live), BACKWARD_CHUNK):
+        more = c + BACKWARD_CHUNK < len(live)
+        (g,) = torch.autograd.grad(
+            nll, target, grad_outputs=sel[c : c + BACKWARD_CHUNK], is_grads_batched=True, retain_graph=more
+        )  # (chunk, 1, T, C)
+        norms = g[:, 0].double().norm(dim=-1).numpy()  # (chunk, T)
+        for s, gn in zip(live[c : c + BACKWARD_CHUNK], norms):
+            gnorm[s.index] = gn
+    nll_np = nll.detach().double().numpy()
+    for s in live:
+        a, b = s.token_start, s.token_end
+        h_step[s.index] = ent[a:b].mean()
+        l_step[s.index] = nll_np[a:b].sum()
+        cands[s.index] = candidate_mask(content, n_prompt, a)
+        w = aggregate_rows(attn[a:b])
+        sig[s.index] = normalize_max(eq7_significance(w, gnorm[s.index], h_step[s.index]), cands[s.index])
+    t2 = time.perf_counter()
+    return ExactResult(
+        significance=sig,
+        grad_norm=gnorm,
+        proxy=significance_matrix(trace, attn, vattn, content, n_prompt),
+        candidates=cands,
+        attn=attn,
+        vattn=vattn,
+        entropy=h_step,
+        nll=l_step,
+        n_prompt=n_prompt,
+        layers=layers,
+        grad_layer=grad_layer,
+        timings={"forward_s": t1 - t0, "backward_s": t2 - t1, "exact_s": t2 - t0},
+    )
+
+
+def exact_significance(
+    trace: Trace,
+    model_path: str | Path | None = None,
+    layers: list[int] | None = None,
+    *,
+    grad_layer: int | None = None,
+    engine: Engine | None = None,
+) -> ExactResult:
+    """Exact eq. 7 for a finished trace: the torch reference model of the trace's GGUF
+    (`model_path`, default trace.model.path; cached per process), one forward pass over
+    prompt + generated tokens, one backward pass per step.
+
+    layers: attention is averaged over these layers and all heads (default: the trace's
+    tracked layers, else the tracker's default choice). grad_layer: the gradient is taken
+    w.r.t. hidden[grad_layer], the residual stream entering that layer (default: the
+    first tracked layer; 0 = the embedding output). The prompt is re-tokenized with
+    llama.cpp exactly as `sage ask` does; pass `engine` to reuse a loaded one."""
+    path = Path(model_path or trace.model.path)
+    t0 = time.perf_counter()
+    model = load_model(path)
+    t1 = time.perf_counter()
+    own = engine is None
+    eng = Engine(path, n_ctx=256) if own else engine
+    try:
+        prompt_tokens = eng.tokenize(trace.prompt)
+        pm = map_prompt(eng, prompt_tokens, trace.prompt, trace.problem)
+    finally:
+        if own:
+            eng.close()
+    if len(prompt_tokens) != trace.prompt_tokens:
+        raise SageError(
+            f"the prompt is {len(prompt_tokens)} tokens with {path.name}, the trace says {trace.prompt_tokens}: "
+            "another model made this trace"
+        )
+    if layers is None:
+        layers = trace.analysis.tracked_layers if trace.analysis is not None else default_layers(model)
+    content = np.concatenate([pm.in_problem, np.ones(len(trace.tokens), dtype=bool)])
+    res = exact_from_model(model, trace, prompt_tokens, content, layers, grad_layer)
+    res.timings["load_s"] = t1 - t0
+    return res
+
+
+# --- agreement ---------------------------------------------------------------------------
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given the average of the ranks they span (scipy's 'average')."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    # runs of equal values: [starts[r], starts[r + 1])
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
+    avg = (starts[:-1] + starts[1:] - 1) / 2.0 + 1.0  # mean of the 1-based ranks in each run
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat(avg, np.diff(starts))
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson on average ranks); nan when either side is
+    constant or there are fewer than two values."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = rankdata(a) - (len(a) + 1) / 2.0, rankdata(b) - (len(b) + 1) / 2.0
+    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def per_step_spearman(a: np.ndarray, b: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(n_steps,) Spearman between rows of a and b over each step's candidate positions."""
+    return np.array([spearman(x[m], y[m]) for x, y, m in zip(a, b, candidates)])
+
+
+def proxy_agreement(trace: Trace, exact: ExactResult, proxy: np.ndarray | None = None) -> float:
+    """Mean per-step Spearman between a proxy significance matrix and the exact one over
+    the candidate positions (steps where it is undefined are left out; nan if all are).
+    proxy: default the proxy formula on the torch model's own attention and values
+    (`exact.proxy`); pass `inverse.significance_matrix` of llama.cpp's rows to rate the
+    llama.cpp path (what `compare_on_problem` does)."""
+    proxy = exact.proxy if proxy is None else proxy
+    shape = (len(trace.steps), exact.n_prompt + len(trace.tokens))
+    if proxy.shape != shape or exact.significance.shape != shape:
+        raise ValueError(f"matrices {proxy.shape} / {exact.significance.shape} do not fit the trace {shape}")
+    rho = per_step_spearman(proxy, exact.significance, exact.candidates)
+    return float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
+
+
+@dataclass
+class Comparison:
+    """The llama.cpp path's proxy against exact eq. 7 on one freshly generated trace.
+    Per-step arrays have nan where a step has fewer than two candidates or a constant row."""
+
+    trace: Trace
+    proxy: np.ndarray  # (n_steps, n_pos) inverse.significance_matrix from llama.cpp's tracker rows
+    exact: ExactResult
+    spearman: np.ndarray  # (n_steps,) llama.cpp proxy significance vs exact significance
+    mean: float  # nanmean of `spearman`: the reported number
+    factor_spearman: np.ndarray  # (n_steps,) gradient factor alone: value-norm proxy vs |grad L_i|
+    attention_spearman: np.ndarray  # (n_steps,) baseline: llama.cpp attention w alone (no factor) vs exact
+    torch_proxy_spearman: np.ndarray  # (n_steps,) the proxy formula on torch tensors vs exact
+    parity_spearman: np.ndarray  # (n_steps,) llama.cpp proxy vs the same formula on torch (sanity, ~1)
+
+
+def compare_on_problem(
+    problem: str, model_path: str | Path, max_tokens: int = 120, grad_layer: int | None = None
+) -> Comparison:
+    """Generate a greedy chain for `problem` with tracking on (no rollouts), take the
+    proxy significance from the llama.cpp tracker's rows as `sage ask` does, compute the
+    exact significance on the same trace, and correlate them per step."""
+    from model.reason import reason
+
+    eng = Engine(model_path, n_ctx=2048, track=True, n_seq_max=1)
+    try:
+        trace = reason(eng, problem, max_tokens=max_tokens, analysis=AnalysisConfig(alternatives=0))
+        if trace.analysis is None:
+            raise SageError("nothing was generated to compare")
+        prompt_tokens = eng.tokenize(trace.prompt)
+        n_prompt, n_gen = len(prompt_tokens), len(trace.tokens)
+        pm = map_prompt(eng, prompt_tokens, trace.prompt, trace.problem)
+        content = np.concatenate([pm.in_problem, np.ones(n_gen, dtype=bool)])
+        attn = eng.tracker.attn[:n_gen].astype(np.float64)
+        vattn = eng.tracker.vattn[:n_gen].astype(np.float64)
+        proxy = significance_matrix(trace, attn, vattn, content, n_prompt)
+        exact = exact_significance(trace, model_path, grad_layer=grad_layer, engine=eng)
+    finally:
+        eng.close()
+    n_pos = n_prompt + n_gen
+    w, factor = np.zeros_like(proxy), np.zeros_like(proxy)
+    for s in trace.steps:
+        a, b = s.token_start, s.token_end
+        w[s.index] = aggregate_rows(attn[a:b, :n_pos])
+        factor[s.index] = value_norm_proxy(w[s.index], aggregate_rows(vattn[a:b, :n_pos]))
+    rho = per_step_spearman(proxy, exact.significance, exact.candidates)
+    return Comparison(
+        trace=trace,
+        proxy=proxy,
+        exact=exact,
+        spearman=rho,
+        mean=float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan"),
+        factor_spearman=per_step_spearman(factor, exact.grad_norm, exact.candidates),
+        attention_spearman=per_step_spearman(w, exact.significance, exact.candidates),
+        torch_proxy_spearman=per_step_spearman(exact.proxy, exact.significance, exact.candidates),
+        parity_spearman=per_step_spearman(proxy, exact.proxy, exact.candidates),
+    )

@@ -1,0 +1,135 @@
+"""`sage bench`: problem sets and scoring on fixtures; a short real bench on SmolLM2."""
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from model.bench import CONFIGS, Problem, arithmetic_problems, branch_vote, load_problems, problem_set, score
+from model.errors import SageError
+from model.trace import Alternative, Analysis, Answer, Branch, Decision, Explanation
+from sage_cli.main import app
+
+runner = CliRunner()
+
+GSM = {"question": "Natalia sold 48 clips in April and half as many in May. Total?", "answer": "48/2 = 24\n#### 72"}
+AQUA = {
+    "question": "A train covers 60 km in 1.5 h. Speed?",
+    "options": ["A)30", "B)40", "C)50", "D)60", "E)90"],
+    "rationale": "60/1.5 = 40",
+    "correct": "B",
+}
+
+
+def test_load_gsm8k_and_aqua(tmp_path):
+    f = tmp_path / "mix.jsonl"
+    f.write_text(json.dumps(GSM) + "\n\n" + json.dumps(AQUA) + "\n")
+    g, a = load_problems(f)
+    assert (g.gold, g.kind) == ("72", "number")
+    assert (a.gold, a.kind) == ("B", "option") and "B)40" in a.text
+
+
+@pytest.mark.parametrize("line", ["not json", json.dumps({"question": "q"}), json.dumps({"answer": "no marker"})])
+def test_bad_problem_files(tmp_path, line):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(SageError, match="bad.jsonl:1"):
+        load_problems(f)
+
+
+def test_scoring():
+    num = Problem("q", "72", "number")
+    assert score("72", num) and score("72.0", num) and not score("71", num) and not score(None, num)
+    assert score("3/4", Problem("q", "0.75", "number"))
+    opt = Problem("q", "B", "option")
+    assert score("B", opt) and score("b", opt) and not score("C", opt)
+
+
+def test_arithmetic_problems_are_seeded_and_right():
+    a, b = arithmetic_problems(20, seed=3), arithmetic_problems(20, seed=3)
+    assert a == b and a != arithmetic_problems(20, seed=4)
+    for p in a:
+        nums = [int(x) for x in re.findall(r"\d+", p.text)]
+        assert int(p.gold) in (nums[0] + nums[1], nums[0] - nums[1], nums[0] * nums[1])
+
+
+def test_default_samples_come_from_shared_data():
+    label, probs = problem_set("gsm8k", 4, seed=0)
+    assert len(probs) == 4 and "gsm8k" in label and all(p.kind == "number" for p in probs)
+    _, again = problem_set("gsm8k", 4, seed=0)
+    assert probs == again
+    _, aqua = problem_set("aqua", 3)
+    assert all(p.kind == "option" for p in aqua)
+
+
+def _decision(prob, branches):
+    return Decision(1, 0, 10, 0, " x", prob, 1.0, 0.9, 0.5, [1], 0, [], branches, [], None)
+
+
+def _branch(answer, prob):
+    return Branch(1, " y", prob, " y", [1], answer, answer != "7", 3, "stop", -0.5)
+
+
+def test_branch_vote():
+    class T:
+        answer = Answer("7", "7", "number", 0, 1, 0.9)
+        analysis = Analysis([1], "native", "", 0.3, 3, 2, 1, [], None, False, [], None, Explanation([], [], [], []), {})
+
+    t = T()
+    assert branch_vote(t) == "7"  # no rollouts: the chain's answer
+    t.analysis.decisions = [_decision(0.3, [_branch("9", 0.25), _branch("9", 0.2)])]
+    assert branch_vote(t) == "9"  # 0.45 for 9 against 0.3 for 7
+    t.analysis.decisions.append(_decision(0.5, [_branch("7", 0.1)]))
+    assert branch_vote(t) == "7"
+
+
+def _bench(*args):
+    r = runner.invoke(app, ["bench", "--problems", "arithmetic", "--n", "1", "--reps", "1", "--max-tokens", "24", "--json", *args])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def _positive_finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_short_bench_every_configuration():
+    res = _bench()
+    assert list(res["configs"]) == list(CONFIGS)
+    for c, row in res["configs"].items():
+        assert _positive_finite(row["tokens_per_s"]["median"]), c
+        assert _positive_finite(row["time_per_problem_s"]["median"]), c
+        assert math.isfinite(row["time_overhead_vs_forward"]) and math.isfinite(row["time_overhead_vs_llama"])
+    saved = list((Path(os.environ["SAGE_HOME"]) / "bench").glob("*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["configs"].keys() == res["configs"].keys()
+
+
+@pytest.mark.slow
+def test_short_bench_memory():
+    res = _bench("--mem")
+    for c, row in res["configs"].items():
+        m = row["memory"]
+        assert _positive_finite(m["peak_rss"]) and _positive_finite(m["weights_file"]), c
+        assert math.isfinite(row["memory_overhead_vs_forward"])
+    assert res["configs"]["track"]["memory"]["tracking_buffers"] > 0
+
+
+def test_accuracy_mode():
+    res = _bench("--accuracy")
+    assert list(res["configs"]) == ["forward", "rollouts"]
+    row = res["configs"]["rollouts"]
+    assert 0 <= row["accuracy"] <= 1 and 0 <= row["vote_accuracy"] <= 1
+    assert row["vote_tokens_per_problem"] >= row["tokens_per_problem"]
+
+
+@pytest.mark.parametrize("args,needle", [(["--problems", "nope.jsonl"], "no problems file"), (["--n", "0"], "--n"),
+                                         (["--reps", "0"], "--reps")])
+def test_bench_bad_input(args, needle):
+    r = runner.invoke(app, ["bench", *args])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0]
