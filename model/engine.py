@@ -13,7 +13,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import llama_cpp
 import numpy as np
@@ -21,6 +21,9 @@ import numpy as np
 from kernels.reference import token_stats
 from model.errors import SageError
 from model.trace import Alternative, ModelInfo, TokenRecord
+
+if TYPE_CHECKING:
+    from model.heads import SageHeads
 
 # tokens kept per distribution: the chosen one's top-5 alternatives are always among them
 TOP_K = 6
@@ -99,10 +102,13 @@ class Engine:
         track: bool = False,
         track_layers: list[int] | None = None,
         native_tracker: bool = True,
+        heads: "SageHeads | None" = None,
     ) -> None:
         """n_seq_max > 1 gives a unified KV cache whose sequences share cells, so
         branches copied with llama_memory_seq_cp reuse the prefix without recomputing it.
-        track: observe attention through the eval callback (kernels/tracker)."""
+        track: observe attention through the eval callback (kernels/tracker).
+        heads: SAGE heads (model/heads.py) for this model: their tracked layers and head
+        weights configure the tracker; a sidecar made for another model is refused."""
         _backend()
         path = Path(path)
         check_gguf_file(path)
@@ -126,19 +132,32 @@ class Engine:
         vlen = self.meta(f"{self.architecture}.attention.value_length")
         self.head_dim_v = int(vlen) if vlen else self.n_embd // self.n_head
         self.tracker = None
+        self.heads = heads
+        if heads is not None:
+            from model.heads import fingerprint
+
+            if heads.fingerprint != fingerprint(self):
+                raise SageError(
+                    f"the SAGE heads for {heads.base_name} do not belong to {path.name} "
+                    "(fingerprint differs); use the sidecar made for this model or --heads none"
+                )
         if track:
             from kernels.tracker import Tracker, default_layers
 
-            layers = track_layers or default_layers(len(self.full_attention_layers()))
-            if not track_layers:
-                full = self.full_attention_layers()
-                layers = [full[i] for i in layers]
-            bad = [il for il in layers if il not in self.full_attention_layers()]
+            full = self.full_attention_layers()
+            if heads is not None:
+                layers, weights = list(heads.tracked_layers), heads.head_weights
+            else:
+                layers = track_layers or [full[i] for i in default_layers(len(full))]
+                weights = np.full((len(layers), self.n_head), 1.0 / (len(layers) * self.n_head), dtype=np.float32)
+            bad = [il for il in layers if il not in full]
             if bad:
                 raise SageError(f"cannot track layers {bad}: not full-attention layers of this {self.n_layer}-layer model")
+            if weights.shape != (len(layers), self.n_head):
+                raise SageError(f"head weights of shape {weights.shape} do not fit {len(layers)} layers x {self.n_head} heads")
             self.tracker = Tracker(
                 layers,
-                np.full((len(layers), self.n_head), 1.0 / (len(layers) * self.n_head), dtype=np.float32),
+                weights,
                 self.n_head,
                 self.n_head_kv,
                 self.head_dim_v,
@@ -276,6 +295,17 @@ class Engine:
             p = buf.raw[:n]
             self._pieces[key] = p
         return p
+
+    def vocab_bytes(self) -> bytes:
+        """Every token's text, special ones rendered, in id order, in one llama.cpp call."""
+        ids = (llama_cpp.llama_token * self.n_vocab)(*range(self.n_vocab))
+        cap = 64 * self.n_vocab
+        buf = ctypes.create_string_buffer(cap)
+        n = llama_cpp.llama_detokenize(self.vocab, ids, self.n_vocab, buf, cap, False, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_detokenize(self.vocab, ids, self.n_vocab, buf, -n, False, True)
+        return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))

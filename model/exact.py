@@ -6,9 +6,9 @@ path's proxy ranks like it.
 The llama.cpp path (model/inverse.py) replaces the gradient factor by the attention-
 weighted value norm, because llama.cpp has no backward pass. Here one forward pass of
 the torch model (model/arch, weights dequantized from the same GGUF) over prompt +
-generated tokens gives the attention w, the step NLLs L_i and entropies H_i, and one
-backward pass per step gives |grad_{h_j} L_i| for every position j. Everything else
-(which queries make a step's attention row, the candidate positions, the per-step
+generated tokens gives the attention w, the step NLLs L_i and entropies H_i, and a
+backward pass per step (batched) gives |grad_{h_j} L_i| for every position j. Everything
+else (which queries make a step's attention row, the candidate positions, the per-step
 normalization) is what `inverse.significance_matrix` does, so the two matrices compare
 entry for entry.
 
@@ -62,14 +62,16 @@ class ExactResult:
     entropy: np.ndarray  # (n_steps,) H_i: mean predictive entropy of the step's tokens (nats)
     nll: np.ndarray  # (n_steps,) L_i: sum of -log p of the step's tokens
     n_prompt: int
-    layers: list[int]  # tracked layers: attention averaged over these and all heads
+    layers: list[int]  # tracked layers: attention aggregated over these and all heads
     grad_layer: int  # hidden[grad_layer] is differentiated (0 = embedding output)
+    # forward_s: the forward pass and each token's gradient at the top; backward_s: the
+    # per-step passes down to grad_layer; exact_s: both; load_s: loading the model (0 if cached)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
         """How the gradient factor was computed, in the words of Analysis.proxy."""
-        where = "the embedding output" if self.grad_layer == 0 else f"the residual stream entering layer {self.grad_layer}"
+        where = f"the residual stream entering layer {self.grad_layer}" if self.grad_layer else "the embedding output"
         return f"exact |grad_h L_i| (torch reference model, w.r.t. {where})"
 
 
@@ -97,19 +99,27 @@ def exact_from_model(
     content: np.ndarray,
     layers: list[int],
     grad_layer: int | None = None,
+    head_weights: np.ndarray | None = None,
 ) -> ExactResult:
     """Eq. 7 for every step of `trace` on a loaded torch model (no llama.cpp involved).
 
     content: (n_pos,) bool, the positions that may be significant (problem tokens of the
-    prompt, every generated token). grad_layer: which residual stream h_j is: hidden
-    [grad_layer] enters layer grad_layer (0 = the embedding output); default the first
-    tracked layer, the stream the tracked attention reads from."""
+    prompt, every generated token). The attention rows aggregate `layers` and all heads
+    as the llama.cpp tracker does: a plain mean, or weighted by head_weights
+    (len(layers), n_head) when given (SAGE heads' tracker weights). grad_layer: which
+    residual stream h_j is: hidden[grad_layer] enters layer grad_layer (0 = the embedding
+    output); default the first tracked layer, the stream the tracked attention reads from."""
     n_prompt, n_gen = len(prompt_tokens), len(trace.tokens)
     n_layer = len(model.layers)
-    layers = sorted(set(layers))
-    if not layers or not all(0 <= il < n_layer for il in layers):
+    n_head = model.layers[0].self_attn.n_heads
+    layers = [int(il) for il in layers]
+    if not layers or len(set(layers)) != len(layers) or not all(0 <= il < n_layer for il in layers):
         raise SageError(f"tracked layers {layers} do not fit the {n_layer}-layer model")
-    grad_layer = layers[0] if grad_layer is None else grad_layer
+    if head_weights is None:
+        head_weights = np.full((len(layers), n_head), 1.0 / (len(layers) * n_head))
+    if np.shape(head_weights) != (len(layers), n_head):
+        raise SageError(f"head weights of shape {np.shape(head_weights)} do not fit {len(layers)} layers x {n_head}")
+    grad_layer = min(layers) if grad_layer is None else grad_layer
     if not 0 <= grad_layer <= n_layer:
         raise SageError(f"grad_layer {grad_layer} is not in 0..{n_layer}")
     if n_prompt < 1 or n_gen < 1:
@@ -141,17 +151,21 @@ def exact_from_model(
         for h in hooks:
             h.remove()
     q = torch.arange(n_prompt - 1, n_pos - 1)  # the query that produced generated token k
-    # the logits again, of the rows that predict generated tokens only: the backward passes
-    # then skip the (T, V) x (V, C) product over the prompt rows
-    logits = model.lm_logits(model.model.norm(hidden[-1][:, q]))[0]  # (n_gen, V)
+    # The final norm and the LM head act on each position alone, so d nll_k / d hidden[-1]
+    # is nonzero at row q_k only: get those rows for all tokens in one small backward pass
+    # here, and the per-step passes below start at hidden[-1], never through the (V, C) head.
+    x = hidden[-1][0, q].detach().requires_grad_()  # (n_gen, C)
+    logits = model.lm_logits(model.model.norm(x[None]))[0]  # (n_gen, V)
     logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # (n_gen, V)
-    nll = -logp.gather(1, ids[0, n_prompt:, None])[:, 0]  # (n_gen,), in the graph
+    nll = -logp.gather(1, ids[0, n_prompt:, None])[:, 0]  # (n_gen,)
+    (d_top,) = torch.autograd.grad(nll.sum(), x)  # (n_gen, C): row k = d nll_k / d hidden[-1][q_k]
     ent = -(logp.exp() * logp).sum(-1).detach().double().numpy()  # (n_gen,)
     with torch.no_grad():
         probs = torch.stack([attentions[il][0][:, q] for il in layers]).double()  # (L, nh, n_gen, T)
         vn = torch.stack([vnorm[il] for il in layers]).double().repeat_interleave(group, dim=1)  # (L, nh, T)
-        attn = probs.mean((0, 1)).numpy()  # (n_gen, T): mean over tracked layers and heads
-        vattn = (probs * vn[:, :, None, :]).mean((0, 1)).numpy()  # (n_gen, T)
+        hw = torch.as_tensor(np.asarray(head_weights, dtype=np.float64))  # (L, nh)
+        attn = torch.einsum("lh,lhkt->kt", hw, probs).numpy()  # (n_gen, T)
+        vattn = torch.einsum("lh,lhkt,lht->kt", hw, probs, vn).numpy()  # (n_gen, T)
     del attentions, probs
     t1 = time.perf_counter()
 
@@ -163,19 +177,22 @@ def exact_from_model(
     h_step = np.zeros(n_steps)
     l_step = np.zeros(n_steps)
     live = [s for s in trace.steps if s.token_end > s.token_start]
-    # row n selects step n's tokens: grad of E[n] . nll is grad of L_n. Backward passes
-    # for several steps run batched (vmap over grad_outputs), a chunk at a time to bound memory
-    sel = torch.zeros(len(live), n_gen, dtype=nll.dtype)
-    for n, s in enumerate(live):
-        sel[n, s.token_start : s.token_end] = 1.0
+    # Step n's gradient at hidden[-1] is d_top on its tokens' rows, zero elsewhere. Several
+    # steps' backward passes run batched (vmap over grad_outputs): much faster on CPU than one
+    # at a time; a chunk at a time bounds the memory (chunk x the graph's activations).
     for c in range(0, len(live), BACKWARD_CHUNK):
-        more = c + BACKWARD_CHUNK < len(live)
-        (g,) = torch.autograd.grad(
-            nll, target, grad_outputs=sel[c : c + BACKWARD_CHUNK], is_grads_batched=True, retain_graph=more
-        )  # (chunk, 1, T, C)
-        norms = g[:, 0].double().norm(dim=-1).numpy()  # (chunk, T)
-        for s, gn in zip(live[c : c + BACKWARD_CHUNK], norms):
-            gnorm[s.index] = gn
+        chunk = live[c : c + BACKWARD_CHUNK]
+        top = torch.zeros(len(chunk), *hidden[-1].shape, dtype=d_top.dtype)  # (chunk, 1, T, C)
+        for n, s in enumerate(chunk):
+            top[n, 0, q[s.token_start : s.token_end]] = d_top[s.token_start : s.token_end]
+        if grad_layer == n_layer:
+            g = top
+        else:
+            (g,) = torch.autograd.grad(
+                hidden[-1], target, grad_outputs=top, is_grads_batched=True, retain_graph=c + len(chunk) < len(live)
+            )  # (chunk, 1, T, C)
+        for s, gn in zip(chunk, g[:, 0].double().norm(dim=-1).numpy()):
+            gnorm[s.index] = gn  # (T,)
     nll_np = nll.detach().double().numpy()
     for s in live:
         a, b = s.token_start, s.token_end
@@ -208,16 +225,19 @@ def exact_significance(
     *,
     grad_layer: int | None = None,
     engine: Engine | None = None,
+    head_weights: np.ndarray | None = None,
 ) -> ExactResult:
     """Exact eq. 7 for a finished trace: the torch reference model of the trace's GGUF
     (`model_path`, default trace.model.path; cached per process), one forward pass over
-    prompt + generated tokens, one backward pass per step.
+    prompt + generated tokens, a backward pass per step.
 
-    layers: attention is averaged over these layers and all heads (default: the trace's
-    tracked layers, else the tracker's default choice). grad_layer: the gradient is taken
-    w.r.t. hidden[grad_layer], the residual stream entering that layer (default: the
-    first tracked layer; 0 = the embedding output). The prompt is re-tokenized with
-    llama.cpp exactly as `sage ask` does; pass `engine` to reuse a loaded one."""
+    The prompt is re-tokenized with llama.cpp exactly as `sage ask` does; pass `engine`
+    (same model) to reuse a loaded one. layers / head_weights: how attention is
+    aggregated, as in the tracker; default: the tracking engine's own layers and weights
+    when `engine` tracks, else the trace's tracked layers (or the tracker's default
+    choice) with a plain mean over them and all heads. grad_layer: the gradient is taken
+    w.r.t. hidden[grad_layer], the residual stream entering that layer (default: the first
+    tracked layer; 0 = the embedding output)."""
     path = Path(model_path or trace.model.path)
     t0 = time.perf_counter()
     model = load_model(path)
@@ -235,10 +255,14 @@ def exact_significance(
             f"the prompt is {len(prompt_tokens)} tokens with {path.name}, the trace says {trace.prompt_tokens}: "
             "another model made this trace"
         )
-    if layers is None:
+    tracker = engine.tracker if engine is not None else None
+    if layers is None and tracker is not None:
+        layers = tracker.layers
+        head_weights = tracker.head_w if head_weights is None else head_weights
+    elif layers is None:
         layers = trace.analysis.tracked_layers if trace.analysis is not None else default_layers(model)
     content = np.concatenate([pm.in_problem, np.ones(len(trace.tokens), dtype=bool)])
-    res = exact_from_model(model, trace, prompt_tokens, content, layers, grad_layer)
+    res = exact_from_model(model, trace, prompt_tokens, content, layers, grad_layer, head_weights)
     res.timings["load_s"] = t1 - t0
     return res
 
@@ -307,30 +331,48 @@ class Comparison:
     parity_spearman: np.ndarray  # (n_steps,) llama.cpp proxy vs the same formula on torch (sanity, ~1)
 
 
+def tracker_proxy(engine: Engine, trace: Trace) -> np.ndarray:
+    """(n_steps, n_pos) the llama.cpp path's proxy significance of `trace`, from the rows
+    the tracking `engine` recorded while generating it (as inverse.analyze computes it).
+    Valid until the engine generates again."""
+    if engine.tracker is None:
+        raise ValueError("the proxy needs the engine that generated the trace, with track=True")
+    prompt_tokens = engine.tokenize(trace.prompt)
+    n_gen = len(trace.tokens)
+    pm = map_prompt(engine, prompt_tokens, trace.prompt, trace.problem)
+    content = np.concatenate([pm.in_problem, np.ones(n_gen, dtype=bool)])
+    attn = engine.tracker.attn[:n_gen].astype(np.float64)
+    vattn = engine.tracker.vattn[:n_gen].astype(np.float64)
+    return significance_matrix(trace, attn, vattn, content, len(prompt_tokens))
+
+
 def compare_on_problem(
-    problem: str, model_path: str | Path, max_tokens: int = 120, grad_layer: int | None = None
+    problem: str,
+    model_path: str | Path,
+    max_tokens: int = 120,
+    grad_layer: int | None = None,
+    n_threads: int | None = None,
 ) -> Comparison:
     """Generate a greedy chain for `problem` with tracking on (no rollouts), take the
     proxy significance from the llama.cpp tracker's rows as `sage ask` does, compute the
-    exact significance on the same trace, and correlate them per step."""
+    exact significance on the same trace, and correlate them per step. n_threads: llama.cpp's
+    (default: the engine's)."""
     from model.reason import reason
 
-    eng = Engine(model_path, n_ctx=2048, track=True, n_seq_max=1)
+    eng = Engine(model_path, n_ctx=2048, n_threads=n_threads, track=True, n_seq_max=1)
     try:
         trace = reason(eng, problem, max_tokens=max_tokens, analysis=AnalysisConfig(alternatives=0))
-        if trace.analysis is None:
+        if not trace.tokens:
             raise SageError("nothing was generated to compare")
-        prompt_tokens = eng.tokenize(trace.prompt)
-        n_prompt, n_gen = len(prompt_tokens), len(trace.tokens)
-        pm = map_prompt(eng, prompt_tokens, trace.prompt, trace.problem)
-        content = np.concatenate([pm.in_problem, np.ones(n_gen, dtype=bool)])
+        proxy = tracker_proxy(eng, trace)
+        exact = exact_significance(trace, model_path, grad_layer=grad_layer, engine=eng)
+        n_gen = len(trace.tokens)
         attn = eng.tracker.attn[:n_gen].astype(np.float64)
         vattn = eng.tracker.vattn[:n_gen].astype(np.float64)
-        proxy = significance_matrix(trace, attn, vattn, content, n_prompt)
-        exact = exact_significance(trace, model_path, grad_layer=grad_layer, engine=eng)
     finally:
         eng.close()
-    n_pos = n_prompt + n_gen
+    n_pos = proxy.shape[1]
+    # the two factors of the proxy apart: attention alone, and the value-norm factor alone
     w, factor = np.zeros_like(proxy), np.zeros_like(proxy)
     for s in trace.steps:
         a, b = s.token_start, s.token_end

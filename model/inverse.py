@@ -24,6 +24,7 @@ import numpy as np
 
 from kernels.reference import aggregate_rows, eq7_significance, normalize_max, token_stats, value_norm_proxy
 from model.engine import Engine
+from model.heads import FEATURES, META_FEATURES, SageHeads, _logit
 from model.steps import extract_answer
 from model.trace import Analysis, Branch, Decision, Dependency, Explanation, Trace
 
@@ -102,21 +103,63 @@ def significance_matrix(
     return out
 
 
-def find_decisions(trace: Trace, sig: np.ndarray, n_prompt: int, cfg: AnalysisConfig) -> tuple[list[Decision], int]:
-    """Decision points from the significance matrix; returns (ranked decisions, number
-    of candidate tokens before merging)."""
+def token_features(
+    trace: Trace, sig: np.ndarray, attn: np.ndarray, vattn: np.ndarray, n_prompt: int
+) -> np.ndarray:
+    """(n_gen, len(FEATURES)) per-token features of the inverse analysis layer, in the
+    order of model.heads.FEATURES."""
+    n_gen = len(trace.tokens)
+    f = np.zeros((n_gen, len(FEATURES)), np.float32)
+    gen_sig = sig[:, n_prompt : n_prompt + n_gen]
+    f[:, FEATURES.index("significance")] = gen_sig.max(axis=0) if len(trace.steps) else 0.0
+    for k, t in enumerate(trace.tokens):
+        f[k, FEATURES.index("entropy")] = t.entropy
+        f[k, FEATURES.index("varentropy")] = t.varentropy
+        f[k, FEATURES.index("prob")] = t.prob
+        f[k, FEATURES.index("margin")] = t.top[0].prob - (t.top[1].prob if len(t.top) > 1 else 0.0)
+    # rows r > k are the queries at positions >= the token's own
+    cols = n_prompt + np.arange(n_gen)
+    a = np.asarray(attn[:n_gen], np.float64)[:, cols]  # (rows, tokens)
+    v = np.asarray(vattn[:n_gen], np.float64)[:, cols]
+    later = np.triu(np.ones((n_gen, n_gen), bool), k=1).T  # later[r, k] = r > k
+    n_later = np.maximum(later.sum(axis=0), 1)
+    f[:, FEATURES.index("attention_received")] = (a * later).sum(axis=0) / n_later
+    f[:, FEATURES.index("value_received")] = (v * later).sum(axis=0) / n_later
+    for st in trace.steps:
+        n = st.token_end - st.token_start
+        if n > 0:
+            f[st.token_start : st.token_end, FEATURES.index("position")] = np.arange(n) / max(n - 1, 1)
+    return f
+
+
+def find_decisions(
+    trace: Trace,
+    sig: np.ndarray,
+    n_prompt: int,
+    cfg: AnalysisConfig,
+    scores: np.ndarray | None = None,
+    threshold: float | None = None,
+    trained: bool = False,
+) -> tuple[list[Decision], int]:
+    """Decision points; returns (ranked decisions, number of candidate tokens before
+    merging). scores: the inverse analysis layer's per-token output (default: the eq. 7
+    significance itself, which the analytic heads reproduce); a token is a candidate at
+    scores >= threshold. Ranked by significance x (1 - p) for analytic scores, by the
+    trained head's probability otherwise."""
     n_gen = len(trace.tokens)
     owner = _step_of_tokens(trace)
     gen_sig = sig[:, n_prompt : n_prompt + n_gen]  # (n_steps, n_gen)
     best = gen_sig.max(axis=0) if len(trace.steps) else np.zeros(n_gen)
+    scores = best if scores is None else scores
+    threshold = cfg.threshold if threshold is None else threshold
     cands = []
     for k, tok in enumerate(trace.tokens):
-        if best[k] < cfg.threshold or not tok.text.strip():
+        if scores[k] < threshold or not tok.text.strip():
             continue
         alts = [a for a in tok.top if a.id != tok.id]
         if not alts or alts[0].prob < cfg.min_alt_prob:
             continue  # nothing else was plausible here: not a choice
-        cands.append((best[k] * (1.0 - tok.prob), k))
+        cands.append((float(scores[k]) if trained else float(best[k]) * (1.0 - tok.prob), k))
     by_step: dict[int, list[tuple[float, int]]] = {}
     for score, k in cands:
         by_step.setdefault(int(owner[k]), []).append((score, k))
@@ -296,6 +339,18 @@ def rollout(
     }
 
 
+def meta_features(trace: Trace, decisions: list[Decision], consistency: float | None, conf: float) -> np.ndarray:
+    """Answer features of the meta-cognitive head, in the order of META_FEATURES."""
+    x = np.zeros(len(META_FEATURES), np.float32)
+    x[0] = _logit(conf)
+    x[1] = 1.0 - float(np.prod([1.0 - _risk(d) for d in decisions])) if decisions else 0.0
+    x[2] = consistency if consistency is not None else 0.0
+    x[3] = float(np.mean([t.entropy for t in trace.tokens])) if trace.tokens else 0.0
+    x[4] = len(decisions)
+    x[5] = 1.0 if trace.answer and trace.answer.value is not None else 0.0
+    return x
+
+
 def _risk(d: Decision) -> float:
     """Share of the explored probability mass at d that leads to another answer."""
     if not d.branches:
@@ -377,7 +432,13 @@ def analyze(
     attn = tr.attn[: max(n_gen, 1)]
     vattn = tr.vattn[: max(n_gen, 1)]
     sig = significance_matrix(trace, attn, vattn, content, n_prompt)
-    decisions, n_cands = find_decisions(trace, sig, n_prompt, cfg)
+    heads: SageHeads | None = engine.heads
+    if heads is not None and heads.trained:
+        scores = heads.inverse(token_features(trace, sig, attn, vattn, n_prompt))
+        decisions, n_cands = find_decisions(trace, sig, n_prompt, cfg, scores, heads.threshold, trained=True)
+    else:
+        # analytic heads pass the significance feature through: the eq. 7 pipeline itself
+        decisions, n_cands = find_decisions(trace, sig, n_prompt, cfg)
     for d in decisions:
         d.dependencies = dependencies_of(d.token_index, vattn, content, n_prompt, texts)
     t1 = time.time()
@@ -408,8 +469,11 @@ def analyze(
         answer_conf = trace.answer.confidence
         for d in rolled:
             answer_conf *= 1.0 - _risk(d)
+        if heads is not None and heads.trained:
+            answer_conf = heads.meta(meta_features(trace, decisions, consistency, answer_conf))
     timings["analysis_s"] = time.time() - t0
     return Analysis(
+        heads=heads.describe() if heads is not None else "analytic (built in)",
         tracked_layers=list(tr.layers),
         tracker="native" if tr.native else "python",
         proxy=PROXY,

@@ -127,6 +127,7 @@ class Explanation:
 
 @dataclass
 class Analysis:
+    heads: str  # which SAGE heads scored the decisions and the confidence
     tracked_layers: list[int]
     tracker: str  # "native" | "python"
     proxy: str  # how the gradient factor of eq. 7 was estimated
@@ -241,6 +242,7 @@ _strs = {"type": "array", "items": _str}
 _ints = {"type": "array", "items": _int}
 ANALYSIS_SCHEMA: dict[str, Any] = _obj(
     {
+        "heads": _str,
         "tracked_layers": _ints,
         "tracker": {"enum": ["native", "python"]},
         "proxy": _str,

@@ -110,6 +110,32 @@ def test_inputs_embeds_and_gradients_respect_causality(tiny):
         assert (norms[:5] > 0).all() and (norms[5:] == 0).all()
 
 
+def test_attention_probabilities(tiny):
+    name, model = tiny
+    a = model.args
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        plain = model(ids)
+        logits, some = model(ids, output_attentions=[0, 2])
+        _, hidden, every = model(ids, output_hidden_states=True, output_attentions=True)
+        cache = model.make_cache()
+        model(ids[:, :9], cache=cache)
+        _, last = model(ids[:, 9:], cache=cache, output_attentions=[2])
+    # the explicit attention computes what SDPA does (up to float32 rounding)
+    torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)
+    assert some[1] is None and len(every) == a.num_hidden_layers and len(hidden) == a.num_hidden_layers + 1
+    for il, p in enumerate(every):
+        assert p.shape == (2, a.num_attention_heads, 10, 10)  # (B, nh, T, T)
+        torch.testing.assert_close(p.sum(-1), torch.ones(2, a.num_attention_heads, 10))
+        assert (p.triu(1) == 0).all()  # causal
+        if getattr(a, "layer_types", None) and a.layer_types[il] == "sliding_attention":
+            assert (p.tril(-a.sliding_window) == 0).all()
+    torch.testing.assert_close(some[0], every[0])
+    torch.testing.assert_close(last[2], every[2][:, :, 9:], atol=1e-6, rtol=1e-5)  # (B, nh, 1, T_past+1)
+    # nothing stays switched on or held after the call
+    assert all(not layer.self_attn.keep_probs and layer.self_attn.probs is None for layer in model.layers)
+
+
 def save_hf(model: torch.nn.Module, config: dict, path: Path) -> Path:
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))

@@ -77,7 +77,7 @@ def _branch(answer, prob):
 def test_branch_vote():
     class T:
         answer = Answer("7", "7", "number", 0, 1, 0.9)
-        analysis = Analysis([1], "native", "", 0.3, 3, 2, 1, [], None, False, [], None, Explanation([], [], [], []), {})
+        analysis = Analysis("analytic", [1], "native", "", 0.3, 3, 2, 1, [], None, False, [], None, Explanation([], [], [], []), {})
 
     t = T()
     assert branch_vote(t) == "7"  # no rollouts: the chain's answer

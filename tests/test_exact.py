@@ -10,11 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from model.exact import candidate_mask, compare_on_problem, exact_from_model, rankdata, spearman
+from model.exact import (
+    candidate_mask,
+    compare_on_problem,
+    exact_from_model,
+    proxy_agreement,
+    rankdata,
+    spearman,
+)
 from model.trace import ModelInfo, Settings, Step, TokenRecord, Trace
 from test_arch import TINY, tiny_model
 
-N_PROMPT = 6
+PROMPT = [1, 30, 31, 32, 33, 2]
+N_PROMPT = len(PROMPT)
 GEN = [5, 17, 99, 3, 42, 8, 64, 21, 7]  # generated token ids
 STEPS = [(0, 3), (3, 4), (5, 9)]  # token spans; token 4 lies between steps 1 and 2
 
@@ -32,7 +40,6 @@ def tiny_trace() -> Trace:
     )
 
 
-PROMPT = [1, 30, 31, 32, 33, 2]
 # prompt positions 1..4 are "the problem"; every generated token is content
 CONTENT = np.array([False, True, True, True, True, False] + [True] * len(GEN))
 
@@ -43,9 +50,22 @@ def tiny64(request):
     return tiny_model(request.param).double().requires_grad_(False)
 
 
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models on one torch thread: on a shared CPU, waking and spinning a thread pool
+    for every small op costs more than it saves."""
+    if "tiny64" not in request.fixturenames:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def step_nll(model, i: int, grad_layer: int, j: int, deltas: torch.Tensor) -> np.ndarray:
     """L_i for each row of `deltas` (B, C) added to the residual stream entering layer
-    grad_layer at position j: one batched forward pass."""
+    grad_layer (the final norm for the last) at position j: one batched forward pass."""
 
     def bump(_mod, args):
         h = args[0].clone()  # (B, T, C)
@@ -53,7 +73,8 @@ def step_nll(model, i: int, grad_layer: int, j: int, deltas: torch.Tensor) -> np
         return (h, *args[1:])
 
     ids = torch.tensor([PROMPT + GEN]).expand(len(deltas), -1)
-    hook = model.layers[grad_layer].register_forward_pre_hook(bump)
+    entering = model.layers[grad_layer] if grad_layer < len(model.layers) else model.model.norm
+    hook = entering.register_forward_pre_hook(bump)
     try:
         with torch.no_grad():
             logp = model(ids).log_softmax(-1)  # (B, T, V)
@@ -63,7 +84,7 @@ def step_nll(model, i: int, grad_layer: int, j: int, deltas: torch.Tensor) -> np
     return -sum(logp[:, N_PROMPT + k - 1, GEN[k]] for k in range(a, b)).numpy()
 
 
-@pytest.mark.parametrize("grad_layer", [0, 1])
+@pytest.mark.parametrize("grad_layer", [0, 1, 3])  # embeddings, a middle layer, after the last
 def test_gradient_norms_match_finite_differences(tiny64, grad_layer):
     model = tiny64
     res = exact_from_model(model, tiny_trace(), PROMPT, CONTENT, layers=[1, 2], grad_layer=grad_layer)
@@ -74,7 +95,7 @@ def test_gradient_norms_match_finite_differences(tiny64, grad_layer):
     for j in (2, N_PROMPT + 5):  # a prompt token, and a token of the step itself
         lp = step_nll(model, i, grad_layer, j, steps)
         fd = (lp[:C] - lp[C:]) / (2 * eps)  # (C,) central differences
-        assert res.grad_norm[i, j] == pytest.approx(np.linalg.norm(fd), rel=1e-6)
+        assert res.grad_norm[i, j] == pytest.approx(np.linalg.norm(fd), rel=1e-6, abs=1e-6)
     assert res.nll[i] == pytest.approx(step_nll(model, i, grad_layer, 0, torch.zeros(1, C).double())[0])
 
 
@@ -108,6 +129,22 @@ def test_steps_batched_backward_equals_one_at_a_time(tiny64, monkeypatch):
     np.testing.assert_allclose(batched.grad_norm, single.grad_norm, rtol=1e-12)
 
 
+def test_attention_rows_follow_the_head_weights(tiny64):
+    model = tiny64
+    n_head = model.args.num_attention_heads
+    uniform = exact_from_model(model, tiny_trace(), PROMPT, CONTENT, layers=[2, 1])
+    w = np.zeros((2, n_head))
+    w[1, 3] = 1.0  # all weight on head 3 of layer 1
+    one = exact_from_model(model, tiny_trace(), PROMPT, CONTENT, layers=[2, 1], head_weights=w)
+    with torch.no_grad():
+        _, att = model(torch.tensor([PROMPT + GEN]), output_attentions=[1, 2])
+    q = np.arange(N_PROMPT - 1, N_PROMPT + len(GEN) - 1)  # queries that produced the generated tokens
+    np.testing.assert_allclose(one.attn, att[1][0, 3][q].numpy(), rtol=1e-10, atol=1e-12)
+    mean = (att[1][0] + att[2][0]).mean(0)[q].numpy() / 2
+    np.testing.assert_allclose(uniform.attn, mean, rtol=1e-10, atol=1e-12)
+    assert uniform.grad_layer == one.grad_layer == 1  # the first tracked layer, whatever the order
+
+
 def test_rankdata_and_spearman_by_hand():
     assert rankdata([3, 1, 4, 1, 5]).tolist() == [3, 1.5, 4, 1.5, 5]
     assert rankdata([2, 2, 2]).tolist() == [2, 2, 2]
@@ -125,13 +162,17 @@ def test_rankdata_and_spearman_by_hand():
 
 @pytest.mark.slow
 def test_proxy_against_exact_on_smollm2(smollm2_path):
-    cmp = compare_on_problem("Tom has 3 boxes of 12 eggs and uses 7. How many eggs are left?", smollm2_path, 60)
+    # one llama.cpp thread: on a CPU shared with other jobs, two spinning threads decode far slower
+    problem = "Tom has 3 boxes of 12 eggs and uses 7. How many eggs are left?"
+    cmp = compare_on_problem(problem, smollm2_path, 60, n_threads=1)
     n_steps = len(cmp.trace.steps)
     assert n_steps >= 1
     for rho in (cmp.spearman, cmp.factor_spearman, cmp.attention_spearman, cmp.torch_proxy_spearman):
         assert rho.shape == (n_steps,)
         assert np.isfinite(rho).all() and (np.abs(rho) <= 1 + 1e-12).all()
     assert -1 <= cmp.mean <= 1
+    assert proxy_agreement(cmp.trace, cmp.exact, cmp.proxy) == pytest.approx(cmp.mean)
+    assert -1 <= proxy_agreement(cmp.trace, cmp.exact) <= 1  # the proxy formula on torch tensors
     # the torch model's attention and values reproduce what llama.cpp's tracker saw
     assert np.nanmin(cmp.parity_spearman) > 0.95
     assert cmp.exact.layers == cmp.trace.analysis.tracked_layers

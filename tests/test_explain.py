@@ -125,6 +125,7 @@ def make_trace(analysis: bool = True, problem: str = PROBLEM) -> Trace:
         confirmed=True,
     )
     trace.analysis = Analysis(
+        heads="analytic (built in)",
         tracked_layers=[20, 24],
         tracker="native",
         proxy="value-norm",

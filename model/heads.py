@@ -1,0 +1,269 @@
+"""SAGE heads: the small components that ship beside a model in `NAME.sage.gguf`.
+
+- tracking heads: which (layer, head) pairs the tracker records, with their weights;
+- inverse analysis layer: a small transformer over per-token features that scores
+  decision points. Its analytic initialization passes the eq. 7 significance feature
+  straight through (zero-initialized blocks, identity readout), so untrained heads
+  reproduce the plain eq. 7 pipeline exactly;
+- meta-cognitive head: logistic regression over answer features giving the probability
+  that the answer is right; analytic: sigmoid(logit(counterfactual confidence)) = that
+  confidence.
+
+Inference here is numpy only (the `sage ask` path never imports torch); training lives in
+model/heads_train.py. The sidecar is a GGUF with general.architecture = "sage-heads",
+keys under "sage.", bound to its base model by a fingerprint of the model's
+architecture, shape and vocabulary. Stock llama.cpp refuses a model GGUF with extra
+tensors, so the heads live beside it, as multimodal projectors do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import SageError
+
+ARCH = "sage-heads"
+FORMAT_VERSION = 1
+SUFFIX = ".sage.gguf"
+
+# per-token features of the inverse analysis layer, in this order (names are part of the
+# file format: a sidecar lists the ones it was trained on)
+FEATURES = (
+    "significance",  # normalized eq. 7 significance, max over later steps
+    "entropy",  # nats
+    "varentropy",
+    "prob",  # probability of the chosen token
+    "margin",  # p(top-1) - p(top-2)
+    "attention_received",  # mean attention later rows paid this token
+    "value_received",  # mean value-weighted attention later rows paid this token
+    "position",  # relative position in its step, 0..1
+)
+# answer features of the meta-cognitive head
+META_FEATURES = ("logit_confidence", "risk", "consistency", "mean_entropy", "decisions", "answer_found")
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return float(np.log(p / (1 - p)))
+
+
+@dataclass
+class InverseLayer:
+    """Pre-norm transformer blocks (one attention head, GELU MLP) over token features.
+    score = readout . h_final + bias, h_0 = features @ w_in (no final norm, so the
+    analytic weights pass a feature through untouched)."""
+
+    w_in: np.ndarray  # (F, d)
+    blocks: list[dict[str, np.ndarray]]  # per block: ln1 (d,), wq/wk/wv/wo (d, d), ln2 (d,), w1 (d, 4d), w2 (4d, d)
+    readout: np.ndarray  # (d,)
+    bias: float = 0.0
+    sigmoid: bool = False  # trained layers output a logit
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @staticmethod
+    def analytic(depth: int = 6, d: int = 16) -> "InverseLayer":
+        f = len(FEATURES)
+        w_in = np.zeros((f, d), np.float32)
+        w_in[FEATURES.index("significance"), 0] = 1.0
+        blocks = []
+        for _ in range(depth):
+            blocks.append(
+                {
+                    "ln1": np.ones(d, np.float32),
+                    "wq": np.zeros((d, d), np.float32),
+                    "wk": np.zeros((d, d), np.float32),
+                    "wv": np.zeros((d, d), np.float32),
+                    "wo": np.zeros((d, d), np.float32),  # zero: the block adds nothing
+                    "ln2": np.ones(d, np.float32),
+                    "w1": np.zeros((d, 4 * d), np.float32),
+                    "w2": np.zeros((4 * d, d), np.float32),
+                }
+            )
+        readout = np.zeros(d, np.float32)
+        readout[0] = 1.0
+        return InverseLayer(w_in, blocks, readout, 0.0, False)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(T, F) features -> (T,) decision scores."""
+        h = x.astype(np.float32) @ self.w_in  # (T, d)
+        for b in self.blocks:
+            a = _rms(h, b["ln1"])
+            q, k, v = a @ b["wq"], a @ b["wk"], a @ b["wv"]
+            att = q @ k.T / np.sqrt(q.shape[1])  # (T, T), bidirectional: analysis is post hoc
+            att = np.exp(att - att.max(axis=1, keepdims=True))
+            att /= att.sum(axis=1, keepdims=True)
+            h = h + (att @ v) @ b["wo"]
+            m = _rms(h, b["ln2"])
+            h = h + _gelu(m @ b["w1"]) @ b["w2"]
+        s = h @ self.readout + self.bias
+        return 1.0 / (1.0 + np.exp(-s)) if self.sigmoid else s
+
+
+def _rms(x: np.ndarray, w: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
+
+
+@dataclass
+class MetaHead:
+    w: np.ndarray  # (len(META_FEATURES),)
+    b: float = 0.0
+
+    @staticmethod
+    def analytic() -> "MetaHead":
+        w = np.zeros(len(META_FEATURES), np.float32)
+        w[0] = 1.0
+        return MetaHead(w, 0.0)
+
+    def __call__(self, x: np.ndarray) -> float:
+        return float(1.0 / (1.0 + np.exp(-(float(np.dot(self.w, x)) + self.b))))
+
+
+@dataclass
+class SageHeads:
+    fingerprint: str
+    base_name: str
+    tracked_layers: list[int]
+    head_weights: np.ndarray  # (n_tracked, n_head), rows sum to 1 over all tracked heads
+    threshold: float  # on the inverse layer's score
+    inverse: InverseLayer
+    meta: MetaHead
+    trained: bool = False
+    info: dict[str, str] = field(default_factory=dict)  # provenance: command, seed, data, metrics
+
+    @staticmethod
+    def analytic(fingerprint: str, base_name: str, layers: list[int], n_head: int, depth: int = 6) -> "SageHeads":
+        w = np.full((len(layers), n_head), 1.0 / (len(layers) * n_head), np.float32)
+        return SageHeads(fingerprint, base_name, list(layers), w, 0.3, InverseLayer.analytic(depth), MetaHead.analytic())
+
+    def describe(self) -> str:
+        kind = "trained" if self.trained else "analytic"
+        return f"{kind} sidecar for {self.base_name}" + (f" ({self.info['data']})" if "data" in self.info else "")
+
+    # --- file -------------------------------------------------------------------------
+
+    def save(self, path: Path, force: bool = False) -> None:
+        """Write the sidecar atomically (temp file + rename)."""
+        import gguf
+
+        path = Path(path)
+        if path.exists() and not force:
+            raise SageError(f"{path} exists; pass --force to overwrite it")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            w = gguf.GGUFWriter(tmp, ARCH)
+            w.add_name(f"SAGE heads for {self.base_name}")
+            w.add_uint32("sage.version", FORMAT_VERSION)
+            w.add_string("sage.base.fingerprint", self.fingerprint)
+            w.add_string("sage.base.name", self.base_name)
+            w.add_bool("sage.trained", self.trained)
+            w.add_array("sage.tracking.layers", [int(x) for x in self.tracked_layers])
+            w.add_float32("sage.inverse.threshold", float(self.threshold))
+            w.add_uint32("sage.inverse.depth", self.inverse.depth)
+            w.add_array("sage.inverse.features", list(FEATURES))
+            w.add_float32("sage.inverse.bias", float(self.inverse.bias))
+            w.add_bool("sage.inverse.sigmoid", self.inverse.sigmoid)
+            w.add_array("sage.meta.features", list(META_FEATURES))
+            w.add_float32("sage.meta.bias", float(self.meta.b))
+            for k, v in sorted(self.info.items()):
+                w.add_string(f"sage.info.{k}", str(v))
+            w.add_tensor("sage.tracking.head_weights", self.head_weights.astype(np.float32))
+            w.add_tensor("sage.inverse.w_in", self.inverse.w_in.astype(np.float32))
+            w.add_tensor("sage.inverse.readout", self.inverse.readout.astype(np.float32))
+            for i, b in enumerate(self.inverse.blocks):
+                for name, arr in b.items():
+                    w.add_tensor(f"sage.inverse.blk.{i}.{name}", arr.astype(np.float32))
+            w.add_tensor("sage.meta.w", self.meta.w.astype(np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def load(path: Path) -> "SageHeads":
+        import gguf
+
+        try:
+            r = gguf.GGUFReader(str(path))
+        except (OSError, ValueError) as e:
+            raise SageError(f"{path} is not a SAGE heads file ({e})") from None
+
+        def val(key, default=None):
+            f = r.fields.get(key)
+            if f is None:
+                return default
+            return f.contents()
+
+        if val("general.architecture") != ARCH:
+            raise SageError(f"{path} is not a SAGE heads file (general.architecture is {val('general.architecture')!r})")
+        if val("sage.version") != FORMAT_VERSION:
+            raise SageError(f"{path} is SAGE heads format {val('sage.version')}; this sage reads {FORMAT_VERSION}")
+        if tuple(val("sage.inverse.features")) != FEATURES or tuple(val("sage.meta.features")) != META_FEATURES:
+            raise SageError(f"{path} was trained on other features than this sage computes")
+        t = {x.name: np.array(x.data, dtype=np.float32).reshape([int(d) for d in reversed(x.shape)]) for x in r.tensors}
+        depth = int(val("sage.inverse.depth"))
+        blocks = [
+            {k: t[f"sage.inverse.blk.{i}.{k}"] for k in ("ln1", "wq", "wk", "wv", "wo", "ln2", "w1", "w2")}
+            for i in range(depth)
+        ]
+        info = {k[len("sage.info."):]: val(k) for k in r.fields if k.startswith("sage.info.")}
+        return SageHeads(
+            fingerprint=val("sage.base.fingerprint"),
+            base_name=val("sage.base.name"),
+            tracked_layers=[int(x) for x in val("sage.tracking.layers")],
+            head_weights=t["sage.tracking.head_weights"],
+            threshold=float(val("sage.inverse.threshold")),
+            inverse=InverseLayer(t["sage.inverse.w_in"], blocks, t["sage.inverse.readout"],
+                                 float(val("sage.inverse.bias")), bool(val("sage.inverse.sigmoid"))),
+            meta=MetaHead(t["sage.meta.w"], float(val("sage.meta.bias"))),
+            trained=bool(val("sage.trained")),
+            info=info,
+        )
+
+
+def fingerprint(engine) -> str:
+    """Identity of a base model for its heads: architecture, shape and vocabulary (not the
+    quantization: heads trained on a Q4 model serve its F16 original too)."""
+    h = hashlib.sha256()
+    for v in (engine.architecture, engine.n_layer, engine.n_embd, engine.n_head, engine.n_head_kv, engine.n_vocab):
+        h.update(f"{v}|".encode())
+    h.update(engine.vocab_bytes())
+    return h.hexdigest()[:32]
+
+
+def sidecar_path(model_path: Path) -> Path:
+    """NAME.gguf -> NAME.sage.gguf beside it."""
+    p = Path(model_path)
+    return p.with_name(p.name[: -len(".gguf")] + SUFFIX if p.name.endswith(".gguf") else p.name + SUFFIX)
+
+
+SHIPPED = Path(__file__).resolve().parent / "heads"  # heads sage ships for its presets
+
+
+def find_heads(model_path: Path, preset: str | None = None) -> Path | None:
+    """The sidecar beside the model, else one sage ships for the preset."""
+    beside = sidecar_path(model_path)
+    if beside.is_file():
+        return beside
+    if preset:
+        shipped = SHIPPED / f"{preset}{SUFFIX}"
+        if shipped.is_file():
+            return shipped
+    return None

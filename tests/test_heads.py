@@ -1,0 +1,62 @@
+"""SAGE heads sidecar: analytic identity, file round trip, binding to the base model."""
+
+import numpy as np
+import pytest
+
+from model.engine import Engine
+from model.errors import SageError
+from model.heads import FEATURES, META_FEATURES, SageHeads, _logit, fingerprint, sidecar_path
+from model.inverse import AnalysisConfig
+from model.reason import reason
+
+PROBLEM = "Tom has 3 boxes with 12 eggs in each box. He uses 7 eggs. How many eggs are left?"
+
+
+def test_analytic_heads_reproduce_eq7_and_confidence():
+    h = SageHeads.analytic("fp", "m", [1, 2], 4)
+    x = np.random.default_rng(0).random((30, len(FEATURES))).astype(np.float32)
+    assert np.array_equal(h.inverse(x), x[:, FEATURES.index("significance")])
+    m = np.zeros(len(META_FEATURES), np.float32)
+    m[0] = _logit(0.37)
+    assert h.meta(m) == pytest.approx(0.37, abs=1e-6)
+
+
+def test_sidecar_round_trip_and_force(tmp_path):
+    h = SageHeads.analytic("fp", "m", [3, 5], 4)
+    h.inverse.blocks[0]["wq"][:] = 0.5
+    path = tmp_path / "m.sage.gguf"
+    h.save(path)
+    g = SageHeads.load(path)
+    assert g.tracked_layers == [3, 5] and g.fingerprint == "fp" and not g.trained
+    assert np.array_equal(g.head_weights, h.head_weights)
+    assert np.array_equal(g.inverse.blocks[0]["wq"], h.inverse.blocks[0]["wq"])
+    with pytest.raises(SageError, match="--force"):
+        h.save(path)
+    assert sidecar_path(tmp_path / "x-Q4_K_M.gguf").name == "x-Q4_K_M.sage.gguf"
+
+
+def test_not_a_sidecar(tmp_path, smollm2_path):
+    with pytest.raises(SageError, match="not a SAGE heads file"):
+        SageHeads.load(smollm2_path)
+
+
+def test_heads_bound_to_their_model(smollm2_path, engine):
+    other = SageHeads.analytic("0" * 32, "another model", [15], engine.n_head)
+    with pytest.raises(SageError, match="do not belong"):
+        Engine(smollm2_path, n_ctx=256, track=True, heads=other)
+
+
+def test_engine_with_analytic_heads_matches_builtin(smollm2_path, engine):
+    full = engine.full_attention_layers()
+    layers = [15, 20, 24, 29]
+    assert all(il in full for il in layers)
+    heads = SageHeads.analytic(fingerprint(engine), "smollm2", layers, engine.n_head)
+    cfg = AnalysisConfig(max_decisions=2, alternatives=1, rollout_tokens=24)
+    with Engine(smollm2_path, n_ctx=1024, track=True, n_seq_max=3, heads=heads) as a, \
+            Engine(smollm2_path, n_ctx=1024, track=True, n_seq_max=3) as b:
+        ta = reason(a, PROBLEM, max_tokens=80, analysis=cfg)
+        tb = reason(b, PROBLEM, max_tokens=80, analysis=cfg)
+    da = [(d.token_index, d.significance, [x.token_ids for x in d.branches]) for d in ta.analysis.decisions]
+    db = [(d.token_index, d.significance, [x.token_ids for x in d.branches]) for d in tb.analysis.decisions]
+    assert da == db
+    assert "analytic sidecar" in ta.analysis.heads
