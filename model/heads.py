@@ -254,7 +254,7 @@ def sidecar_path(model_path: Path) -> Path:
     return p.with_name(p.name[: -len(".gguf")] + SUFFIX if p.name.endswith(".gguf") else p.name + SUFFIX)
 
 
-SHIPPED = Path(__file__).resolve().parent / "heads"  # heads sage ships for its presets
+SHIPPED = Path(__file__).resolve().parent / "sidecars"  # heads sage ships for its presets
 
 
 def find_heads(model_path: Path, preset: str | None = None) -> Path | None:

@@ -34,6 +34,14 @@ def ask(
     alternatives: Annotated[
         int, typer.Option("--alternatives", help="Alternatives rolled out per decision point (0-5).")
     ] = 2,
+    heads: Annotated[
+        Optional[str],
+        typer.Option(
+            "--heads",
+            help="SAGE heads sidecar (NAME.sage.gguf); default: the one beside the model if any; 'none' for the built-in analytic heads.",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Reason step by step about a problem, with each token tinted by the model's certainty.
@@ -68,8 +76,19 @@ def ask(
     cfg = AnalysisConfig(threshold=threshold, max_decisions=max_decisions, alternatives=alternatives)
     t_start = process_start_time() or T_IMPORT
     resolved = resolve_model(model)
+    sidecar = None
+    if track and heads != "none":
+        from pathlib import Path
+
+        from model.heads import SageHeads, find_heads
+
+        where = Path(heads) if heads else find_heads(resolved.path, resolved.name)
+        if heads and not where.is_file():
+            raise SageError(f"no heads sidecar at {heads}")
+        sidecar = SageHeads.load(where) if where else None
     engine = Engine(
         resolved.path,
+        heads=sidecar,
         n_ctx=ctx,
         n_threads=threads,
         name=resolved.name,

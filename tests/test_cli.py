@@ -200,3 +200,15 @@ def test_ctrl_c_saves_partial_trace(tmp_path):
     last = json.loads((tmp_path / "home" / "last.json").read_text())
     assert last["finish_reason"] == "interrupted"
     assert 0 < len(last["tokens"]) < 2000
+
+
+def test_foreign_heads_sidecar_refused(tmp_path):
+    from model.heads import SageHeads
+
+    f = tmp_path / "other.sage.gguf"
+    SageHeads.analytic("0" * 32, "another model", [15], 9).save(f)
+    one_line_error(run("ask", PROBLEM, "--heads", str(f), "--max-tokens", "8"), "do not belong")
+
+
+def test_missing_heads_file(tmp_path):
+    one_line_error(run("ask", PROBLEM, "--heads", str(tmp_path / "x.sage.gguf")), "no heads sidecar")
