@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +263,11 @@ def find_heads(model_path: Path, preset: str | None = None) -> Path | None:
     beside = sidecar_path(model_path)
     if beside.is_file():
         return beside
+    # `sage convert` writes NAME-Q4_K_M.gguf beside one NAME.sage.gguf for all its quant types
+    stem = re.sub(r"-(?:Q\d\w*|F16|F32|BF16)$", "", Path(model_path).name[: -len(".gguf")], flags=re.I)
+    shared = Path(model_path).with_name(stem + SUFFIX)
+    if shared.is_file():
+        return shared
     if preset:
         shipped = SHIPPED / f"{preset}{SUFFIX}"
         if shipped.is_file():

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from model import __version__
-from sage_cli import ask, bench, explain, models
+from sage_cli import ask, bench, convert, explain, models
 
 app = typer.Typer(
     name="sage",
@@ -40,6 +40,7 @@ def root(
 app.command("ask")(ask.ask)
 app.command("explain")(explain.explain)
 app.command("bench")(bench.bench)
+app.command("convert")(convert.convert)
 app.command("models")(models.models)
 
 

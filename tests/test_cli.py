@@ -37,7 +37,7 @@ def test_version():
     assert r.exit_code == 0 and r.stdout.startswith("sage ")
 
 
-@pytest.mark.parametrize("cmd", [[], ["ask"], ["explain"], ["models"]])
+@pytest.mark.parametrize("cmd", [[], ["ask"], ["explain"], ["bench"], ["convert"], ["models"]])
 def test_help_has_example(cmd):
     r = run(*cmd, "--help")
     assert r.exit_code == 0
