@@ -123,3 +123,35 @@ def normalize_max(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if m > 0:
         out[mask] = x[mask] / m
     return out
+
+
+# --- exact eq. 7 reductions (model/exact.py; Metal twins in kernels/metal) -------------
+
+
+def grad_norm(g: np.ndarray) -> np.ndarray:
+    """|grad_{h_j} L_i|: the L2 norm over the last (hidden) axis, (..., d) -> (...)."""
+    g = np.asarray(g, dtype=np.float64)
+    return np.sqrt(np.einsum("...d,...d->...", g, g))
+
+
+def weighted_rows(probs: np.ndarray, weights: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """Attention aggregated over tracked layers and heads into tracker-layout rows:
+    rows[k, t] = sum_{l,h} weights[l, h] * probs[l, h, k, t] (* values[l, h, t] when given,
+    the value-norm weighted rows). probs: (L, H, K, T); weights: (L, H); values: (L, H, T)."""
+    p = np.asarray(probs, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if values is None:
+        return np.einsum("lh,lhkt->kt", w, p)
+    return np.einsum("lh,lhkt,lht->kt", w, p, np.asarray(values, dtype=np.float64))
+
+
+def eq7_normalized(w: np.ndarray, g: np.ndarray, h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Eq. 7 for several steps, each normalized over its candidates: row i is
+    normalize_max(eq7_significance(w[i], g[i], h[i]), mask[i]). w, g: (S, T) attention and
+    gradient factor; h: (S,) step entropies; mask: (S, T) bool candidates."""
+    w, g = np.asarray(w, dtype=np.float64), np.asarray(g, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(w.shape)
+    for i in range(w.shape[0]):
+        out[i] = normalize_max(eq7_significance(w[i], g[i], h[i]), mask[i])
+    return out

@@ -63,6 +63,18 @@ def _backend() -> None:
 
 
 def default_threads() -> int:
+    """$SAGE_THREADS if set, else all cores up to 8. Two llama.cpp processes that each
+    spin a thread per core on the same cores slow down many times over: give each its
+    share with SAGE_THREADS."""
+    env = os.environ.get("SAGE_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise SageError(f"SAGE_THREADS={env!r} is not a number of threads") from None
+        if n < 1:
+            raise SageError(f"SAGE_THREADS={env!r}: give at least 1 thread")
+        return n
     return max(1, min(os.cpu_count() or 1, 8))
 
 

@@ -12,6 +12,10 @@ else (which queries make a step's attention row, the candidate positions, the pe
 normalization) is what `inverse.significance_matrix` does, so the two matrices compare
 entry for entry.
 
+The heavy reductions (gradient norms, attention rows, the normalized eq. 7 product) go
+through kernels.metal: Metal kernels when the model runs on an Apple GPU (`device="mps"`),
+their numpy twins in kernels/reference.py everywhere else.
+
 This module imports torch: only `--exact`, tests and scripts import it, never the
 default `sage ask` path.
 """
@@ -25,25 +29,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels.reference import aggregate_rows, eq7_significance, normalize_max, value_norm_proxy
+from kernels import metal
+from kernels.reference import aggregate_rows, value_norm_proxy
 from model.engine import Engine
 from model.errors import SageError
 from model.inverse import AnalysisConfig, map_prompt, significance_matrix
 from model.trace import Trace
 
 BACKWARD_CHUNK = 8  # steps per batched backward pass
-_MODELS: dict[str, torch.nn.Module] = {}
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
-def load_model(path: str | Path) -> torch.nn.Module:
-    """The torch reference model of a GGUF (float32), loaded once per path and process.
-    Its weights need no gradient: only activations are differentiated."""
-    key = str(Path(path).resolve())
+def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """The torch reference model of a GGUF (float32) on `device`, loaded once per path,
+    device and process. Its weights need no gradient: only activations are differentiated."""
+    key = (str(Path(path).resolve()), str(device))
     model = _MODELS.get(key)
     if model is None:
         from model.arch import load_gguf
 
-        model = load_gguf(path).requires_grad_(False)
+        model = load_gguf(path).requires_grad_(False).to(device)
         _MODELS[key] = model
     return model
 
@@ -127,7 +132,8 @@ def exact_from_model(
     n_pos = n_prompt + n_gen
     if content.shape != (n_pos,):
         raise ValueError(f"content has shape {content.shape}, expected ({n_pos},)")
-    ids = torch.tensor([list(prompt_tokens) + [t.id for t in trace.tokens]])  # (1, T)
+    dev = next(model.parameters()).device  # where the model runs: the kernels follow it
+    ids = torch.tensor([list(prompt_tokens) + [t.id for t in trace.tokens]], device=dev)  # (1, T)
     if int(ids.max()) >= model.args.vocab_size:
         raise SageError("the trace's token ids do not fit this model's vocabulary: a different model made it")
 
@@ -150,7 +156,7 @@ def exact_from_model(
     finally:
         for h in hooks:
             h.remove()
-    q = torch.arange(n_prompt - 1, n_pos - 1)  # the query that produced generated token k
+    q = torch.arange(n_prompt - 1, n_pos - 1, device=dev)  # the query that produced generated token k
     # The final norm and the LM head act on each position alone, so d nll_k / d hidden[-1]
     # is nonzero at row q_k only: get those rows for all tokens in one small backward pass
     # here, and the per-step passes below start at hidden[-1], never through the (V, C) head.
@@ -159,13 +165,13 @@ def exact_from_model(
     logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # (n_gen, V)
     nll = -logp.gather(1, ids[0, n_prompt:, None])[:, 0]  # (n_gen,)
     (d_top,) = torch.autograd.grad(nll.sum(), x)  # (n_gen, C): row k = d nll_k / d hidden[-1][q_k]
-    ent = -(logp.exp() * logp).sum(-1).detach().double().numpy()  # (n_gen,)
+    ent = -(logp.exp() * logp).sum(-1).detach().cpu().double().numpy()  # (n_gen,)
     with torch.no_grad():
-        probs = torch.stack([attentions[il][0][:, q] for il in layers]).double()  # (L, nh, n_gen, T)
-        vn = torch.stack([vnorm[il] for il in layers]).double().repeat_interleave(group, dim=1)  # (L, nh, T)
-        hw = torch.as_tensor(np.asarray(head_weights, dtype=np.float64))  # (L, nh)
-        attn = torch.einsum("lh,lhkt->kt", hw, probs).numpy()  # (n_gen, T)
-        vattn = torch.einsum("lh,lhkt,lht->kt", hw, probs, vn).numpy()  # (n_gen, T)
+        probs = torch.stack([attentions[il][0][:, q] for il in layers])  # (L, nh, n_gen, T)
+        vn = torch.stack([vnorm[il] for il in layers]).repeat_interleave(group, dim=1)  # (L, nh, T)
+        hw = np.asarray(head_weights, dtype=np.float64)  # (L, nh)
+        attn = metal.host(metal.weighted_rows(probs, hw))  # (n_gen, T)
+        vattn = metal.host(metal.weighted_rows(probs, hw, vn))  # (n_gen, T)
     del attentions, probs
     t1 = time.perf_counter()
 
@@ -182,7 +188,7 @@ def exact_from_model(
     # at a time; a chunk at a time bounds the memory (chunk x the graph's activations).
     for c in range(0, len(live), BACKWARD_CHUNK):
         chunk = live[c : c + BACKWARD_CHUNK]
-        top = torch.zeros(len(chunk), *hidden[-1].shape, dtype=d_top.dtype)  # (chunk, 1, T, C)
+        top = torch.zeros(len(chunk), *hidden[-1].shape, dtype=d_top.dtype, device=dev)  # (chunk, 1, T, C)
         for n, s in enumerate(chunk):
             top[n, 0, q[s.token_start : s.token_end]] = d_top[s.token_start : s.token_end]
         if grad_layer == n_layer:
@@ -191,16 +197,19 @@ def exact_from_model(
             (g,) = torch.autograd.grad(
                 hidden[-1], target, grad_outputs=top, is_grads_batched=True, retain_graph=c + len(chunk) < len(live)
             )  # (chunk, 1, T, C)
-        for s, gn in zip(chunk, g[:, 0].double().norm(dim=-1).numpy()):
+        for s, gn in zip(chunk, metal.host(metal.grad_norm(g[:, 0]))):
             gnorm[s.index] = gn  # (T,)
-    nll_np = nll.detach().double().numpy()
+    nll_np = nll.detach().cpu().double().numpy()
     for s in live:
         a, b = s.token_start, s.token_end
         h_step[s.index] = ent[a:b].mean()
         l_step[s.index] = nll_np[a:b].sum()
         cands[s.index] = candidate_mask(content, n_prompt, a)
-        w = aggregate_rows(attn[a:b])
-        sig[s.index] = normalize_max(eq7_significance(w, gnorm[s.index], h_step[s.index]), cands[s.index])
+    if live:
+        i = [s.index for s in live]
+        w = np.stack([aggregate_rows(attn[s.token_start : s.token_end]) for s in live])  # (n_live, T)
+        on = [metal.place(x, dev) for x in (w, gnorm[i], h_step[i], cands[i])]
+        sig[i] = metal.host(metal.eq7_normalized(*on))
     t2 = time.perf_counter()
     return ExactResult(
         significance=sig,
@@ -226,6 +235,7 @@ def exact_significance(
     grad_layer: int | None = None,
     engine: Engine | None = None,
     head_weights: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> ExactResult:
     """Exact eq. 7 for a finished trace: the torch reference model of the trace's GGUF
     (`model_path`, default trace.model.path; cached per process), one forward pass over
@@ -237,10 +247,12 @@ def exact_significance(
     when `engine` tracks, else the trace's tracked layers (or the tracker's default
     choice) with a plain mean over them and all heads. grad_layer: the gradient is taken
     w.r.t. hidden[grad_layer], the residual stream entering that layer (default: the first
-    tracked layer; 0 = the embedding output)."""
+    tracked layer; 0 = the embedding output). device: where the torch model runs; on "mps"
+    (an Apple GPU) the reductions run as Metal kernels (kernels.metal; untested in CI,
+    which has no Apple GPU)."""
     path = Path(model_path or trace.model.path)
     t0 = time.perf_counter()
-    model = load_model(path)
+    model = load_model(path, device)
     t1 = time.perf_counter()
     own = engine is None
     eng = Engine(path, n_ctx=256) if own else engine

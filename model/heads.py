@@ -65,6 +65,7 @@ class InverseLayer:
     readout: np.ndarray  # (d,)
     bias: float = 0.0
     sigmoid: bool = False  # trained layers output a logit
+    b_in: np.ndarray | None = None  # (d,) added to h_0 (trained layers: folded standardization)
 
     @property
     def depth(self) -> int:
@@ -96,6 +97,8 @@ class InverseLayer:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(T, F) features -> (T,) decision scores."""
         h = x.astype(np.float32) @ self.w_in  # (T, d)
+        if self.b_in is not None:
+            h = h + self.b_in
         for b in self.blocks:
             a = _rms(h, b["ln1"])
             q, k, v = a @ b["wq"], a @ b["wk"], a @ b["wv"]
@@ -184,6 +187,8 @@ class SageHeads:
             w.add_tensor("sage.tracking.head_weights", self.head_weights.astype(np.float32))
             w.add_tensor("sage.inverse.w_in", self.inverse.w_in.astype(np.float32))
             w.add_tensor("sage.inverse.readout", self.inverse.readout.astype(np.float32))
+            if self.inverse.b_in is not None:
+                w.add_tensor("sage.inverse.b_in", self.inverse.b_in.astype(np.float32))
             for i, b in enumerate(self.inverse.blocks):
                 for name, arr in b.items():
                     w.add_tensor(f"sage.inverse.blk.{i}.{name}", arr.astype(np.float32))
@@ -232,7 +237,8 @@ class SageHeads:
             head_weights=t["sage.tracking.head_weights"],
             threshold=float(val("sage.inverse.threshold")),
             inverse=InverseLayer(t["sage.inverse.w_in"], blocks, t["sage.inverse.readout"],
-                                 float(val("sage.inverse.bias")), bool(val("sage.inverse.sigmoid"))),
+                                 float(val("sage.inverse.bias")), bool(val("sage.inverse.sigmoid")),
+                                 t.get("sage.inverse.b_in")),
             meta=MetaHead(t["sage.meta.w"], float(val("sage.meta.bias"))),
             trained=bool(val("sage.trained")),
             info=info,

@@ -417,8 +417,12 @@ def analyze(
     prompt_tokens: list[int],
     cfg: AnalysisConfig | None = None,
     stops: tuple[str, ...] = (),
+    significance: np.ndarray | None = None,
 ) -> Analysis:
-    """Inverse analysis of a finished trace generated on `engine` with tracking on."""
+    """Inverse analysis of a finished trace generated on `engine` with tracking on.
+
+    significance: (n_steps, n_prompt + n_gen) normalized eq. 7 significance to use in
+    place of the proxy from the tracker rows (exact eq. 7 with `sage ask --exact`)."""
     cfg = cfg or AnalysisConfig()
     tr = engine.tracker
     if tr is None:
@@ -431,7 +435,12 @@ def analyze(
     texts = pm.texts + [t.text for t in trace.tokens]
     attn = tr.attn[: max(n_gen, 1)]
     vattn = tr.vattn[: max(n_gen, 1)]
-    sig = significance_matrix(trace, attn, vattn, content, n_prompt)
+    if significance is None:
+        sig = significance_matrix(trace, attn, vattn, content, n_prompt)
+    else:
+        sig = np.asarray(significance, dtype=np.float64)
+        if sig.shape != (len(trace.steps), n_prompt + n_gen):
+            raise ValueError(f"significance of shape {sig.shape} does not fit the trace")
     heads: SageHeads | None = engine.heads
     if heads is not None and heads.trained:
         scores = heads.inverse(token_features(trace, sig, attn, vattn, n_prompt))

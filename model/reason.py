@@ -181,15 +181,39 @@ class ReasonRun:
             raise
         self._finish(self.generation.finish_reason or "length")
 
-    def analyze(self) -> Trace:
-        """Inverse analysis of the finished chain (needs a tracking engine)."""
+    def analyze(self, exact: bool = False) -> Trace:
+        """Inverse analysis of the finished chain (needs a tracking engine).
+
+        exact: decision points from exact eq. 7 (model/exact.py: the torch reference
+        model of the same GGUF, a backward pass per step) instead of the tracker's proxy;
+        the proxy's agreement with it (mean per-step Spearman) and its time go to
+        Analysis.exact. Imports torch."""
         from model.inverse import AnalysisConfig, analyze
 
         if self.engine.tracker is None or self.trace.finish_reason == "interrupted" or not self.trace.tokens:
             return self.trace
-        self.trace.analysis = analyze(
-            self.engine, self.trace, self.prompt_tokens, self.analysis_config or AnalysisConfig(), self.stops
+        sig = facts = method = None
+        if exact:
+            from model.exact import exact_significance, proxy_agreement, tracker_proxy
+
+            # the proxy first: the rollouts decode on this engine and overwrite the tracker rows
+            proxy = tracker_proxy(self.engine, self.trace)
+            res = exact_significance(self.trace, engine=self.engine)
+            rho = proxy_agreement(self.trace, res, proxy)
+            sig, method = res.significance, res.method
+            facts = {"spearman_vs_proxy": rho if math.isfinite(rho) else None}
+            facts.update({k: float(v) for k, v in res.timings.items()})  # exact_s, load_s, ...
+        analysis = analyze(
+            self.engine,
+            self.trace,
+            self.prompt_tokens,
+            self.analysis_config or AnalysisConfig(),
+            self.stops,
+            significance=sig,
         )
+        if exact:
+            analysis.proxy, analysis.exact = method, facts
+        self.trace.analysis = analysis
         return self.trace
 
     def interrupted(self) -> Trace:

@@ -142,6 +142,11 @@ class Analysis:
     answer_confidence: float | None
     explanation: Explanation
     timings: dict[str, float]
+    # with `sage ask --exact`: the significance came from exact eq. 7 (torch reference
+    # model) and this holds spearman_vs_proxy (mean per-step Spearman of the llama.cpp
+    # proxy against it; None where undefined) and its times exact_s, forward_s,
+    # backward_s, load_s. None otherwise, and in traces made before it existed.
+    exact: dict[str, float | None] | None = None
 
 
 @dataclass
@@ -233,13 +238,18 @@ _int = {"type": "integer"}
 _str = {"type": "string"}
 
 
-def _obj(props: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": list(props), "properties": props}
+def _obj(props: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An object with the keys of `props` required and those of `optional` allowed."""
+    return {"type": "object", "required": list(props), "properties": {**props, **(optional or {})}}
 
 
 _alt = _obj({"id": _int, "text": _str, "prob": _num})
 _strs = {"type": "array", "items": _str}
 _ints = {"type": "array", "items": _int}
+EXACT_SCHEMA: dict[str, Any] = {
+    **_obj({"spearman_vs_proxy": {"type": ["number", "null"]}, "exact_s": _num, "load_s": _num}),
+    "additionalProperties": _num,
+}
 ANALYSIS_SCHEMA: dict[str, Any] = _obj(
     {
         "heads": _str,
@@ -301,7 +311,9 @@ ANALYSIS_SCHEMA: dict[str, Any] = _obj(
             {"justification": _strs, "alternatives": _strs, "confidence": _strs, "dependencies": _strs}
         ),
         "timings": {"type": "object", "additionalProperties": _num},
-    }
+    },
+    # optional, so that traces from before `--exact` still load
+    optional={"exact": {"anyOf": [{"type": "null"}, EXACT_SCHEMA]}},
 )
 
 TRACE_SCHEMA: dict[str, Any] = _obj(
@@ -402,12 +414,17 @@ def validate(value: Any, schema: dict[str, Any], where: str = "$") -> None:
     Raises TraceError naming the first offending path.
     """
     if "anyOf" in schema:
+        errors = []
         for sub in schema["anyOf"]:
             try:
                 validate(value, sub, where)
                 return
-            except TraceError:
-                pass
+            except TraceError as e:
+                errors.append(e)
+        # a form that matched deeper in (an object, not null) names the offending path best
+        deepest = max(errors, key=lambda e: len(str(e).split(": ", 1)[0]), default=None)
+        if deepest is not None and str(deepest).split(": ", 1)[0] != where:
+            raise deepest
         raise TraceError(f"{where}: matches none of the allowed forms")
     if "const" in schema and value != schema["const"]:
         raise TraceError(f"{where}: expected {schema['const']!r}, found {value!r}")

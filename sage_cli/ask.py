@@ -42,6 +42,14 @@ def ask(
             show_default=False,
         ),
     ] = None,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact",
+            help="Decision points from exact eq. 7 (true gradients on the torch reference model of the same GGUF) "
+            "instead of the fast proxy; reports how well the proxy agrees. Slower.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Reason step by step about a problem, with each token tinted by the model's certainty.
@@ -49,7 +57,9 @@ def ask(
     With tracking (the default) sage then looks back over the chain: significance of
     earlier tokens for each step (SAGE-nano eq. 7), decision points, the alternatives
     the model had there and where the strongest lead when rolled out, confidence,
-    consistency and an explanation. The trace is saved under the user data dir
+    consistency and an explanation. --exact computes the significance with true
+    gradients (a forward and a backward pass per step on the torch model) instead of
+    the fast proxy. The trace is saved under the user data dir
     ($SAGE_HOME overrides) as last.json; `sage explain --tree` shows it as a tree.
 
     Example: sage ask "Tom has 3 boxes of 12 eggs and uses 7. How many eggs are left?"
@@ -63,6 +73,8 @@ def ask(
     from sage_cli.ui import AskView
 
     check_problem(problem)
+    if exact and not track:
+        raise SageError("--exact computes the significance of the inverse analysis: drop --no-track")
     if ctx < 64:
         raise SageError("--ctx must be at least 64 tokens")
     if threads is not None and threads < 1:
@@ -95,6 +107,14 @@ def ask(
         track=track,
         n_seq_max=1 + max_decisions * alternatives if track else 1,
     )
+    if exact:
+        # refused before generating, not after: exact eq. 7 needs a torch twin of the architecture
+        from model.arch import get_arch
+
+        try:
+            get_arch(engine.architecture)
+        except SageError as e:
+            raise SageError(f"--exact needs the torch reference model: {e}") from None
     run = ReasonRun(
         engine, problem, max_tokens=max_tokens, temperature=temperature, seed=seed, t_start=t_start, analysis=cfg
     )
@@ -107,10 +127,10 @@ def ask(
                 view.token(rec.text, rec.prob)
         if track:
             if view:
-                with view.analyzing(max_decisions, alternatives):
-                    run.analyze()
+                with view.analyzing(max_decisions, alternatives, exact):
+                    run.analyze(exact)
             else:
-                run.analyze()
+                run.analyze(exact)
     except KeyboardInterrupt:
         saved = save_trace(run.interrupted(), sage_home())
         if view:

@@ -87,14 +87,28 @@ class AskView:
         self.out.print(Text(text, style=tint(prob)), end="", soft_wrap=True)
         self.out.file.flush()
 
-    def analyzing(self, n_decisions_max: int, n_alternatives: int):
+    def analyzing(self, n_decisions_max: int, n_alternatives: int, exact: bool = False):
         """A spinner while the inverse analysis runs (context manager)."""
         self.out.print()
+        what = "exact significance (torch model, backward per step)" if exact else "significance"
         return self.out.status(
-            f"inverse analysis: significance, decision points, rolling out up to "
+            f"inverse analysis: {what}, decision points, rolling out up to "
             f"{n_decisions_max * n_alternatives} alternatives…",
             spinner="dots",
         )
+
+    @staticmethod
+    def exact_line(analysis) -> Text:
+        """How the significance was computed with --exact, how well the proxy agrees, the time."""
+        x = analysis.exact
+        rho = x.get("spearman_vs_proxy")
+        t = Text(f"significance: {analysis.proxy}", style="dim")
+        t.append(" · Spearman vs the llama.cpp proxy ")
+        t.append("n/a" if rho is None else f"{rho:+.2f}", style="bold")
+        t.append(f" · {x['exact_s']:.1f} s")
+        if x.get("load_s", 0) >= 0.05:
+            t.append(f" (+ {x['load_s']:.1f} s loading the torch model)")
+        return t
 
     @staticmethod
     def step_text(trace, step) -> Text:
@@ -142,6 +156,8 @@ class AskView:
             self.out.print(table)
         if trace.analysis:
             self.out.print(Text("[k: s] marks decision point k and its normalized significance s", style="dim"))
+            if trace.analysis.exact is not None:
+                self.out.print(self.exact_line(trace.analysis))
             for d in trace.analysis.decisions:
                 self.out.print(self.decision_panel(d))
             self.out.print(self.explanation_panel(trace.analysis))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 from rich.theme import Theme
@@ -187,6 +187,68 @@ def trace_tree(trace) -> Tree:
 def show_tree(trace, out: Console = console) -> None:
     with out.use_theme(TREE_THEME):
         out.print(trace_tree(trace))
+
+
+def exact_status(out: Console = console):
+    """A spinner while exact eq. 7 is computed (context manager)."""
+    return out.status("exact eq. 7 on the torch model: one forward pass, a backward pass per step…", spinner="dots")
+
+
+def _signed(x: float | None) -> Text:
+    return Text("n/a", style="dim") if x is None else Text(f"{x:+.2f}", style="bold")
+
+
+def _sig_rank(value: float, rank: int, n: int) -> Text:
+    return Text.assemble(bar(value, 6), f" {value:.2f}", (f"  #{rank} of {n}", "dim"))
+
+
+def exact_view(report) -> Group:
+    """`sage explain --exact`: what each step depends on under exact eq. 7, the trace's
+    decision points ranked by exact significance and by the proxy, the agreement, the time."""
+    t = report.timings
+    head = Text.assemble(("Exact eq. 7", "title"), f"  {report.method}")
+    facts = Text("Spearman of the proxy formula vs exact (mean per step): ")
+    facts.append_text(_signed(report.spearman))
+    facts.append(f" · {t.get('exact_s', 0.0):.1f} s", style="dim")
+    if t.get("load_s", 0.0) >= 0.05:
+        facts.append(f" (+ {t['load_s']:.1f} s loading the torch model)", style="dim")
+    parts = [head, facts, Text()]
+
+    steps = Table(title="What each step depends on most (exact significance)", title_justify="left",
+                  title_style="section", show_edge=False, box=None, pad_edge=False)
+    steps.add_column("step", justify="right", style="dim", no_wrap=True)
+    steps.add_column("earlier tokens", ratio=1)
+    for index, deps in report.steps:
+        row = Text()
+        for i, dep in enumerate(deps):
+            if i:
+                row.append(" · ", style="dim")
+            row.append(token_label(dep.text))
+            row.append(f" {dep.weight:.2f}", style="sig")
+            if dep.source == "prompt":
+                row.append(" (problem)", style="dim")
+        steps.add_row(str(index + 1), row if deps else Text("nothing earlier", style="dim"))
+    parts += [steps, Text()]
+
+    if report.decisions:
+        dec = Table(title=f"Decision points: exact vs proxy (rank among {report.n_ranked} generated tokens)",
+                    title_justify="left", title_style="section", show_edge=False, box=None, pad_edge=False)
+        for col, j in (("decision", "right"), ("step", "right"), ("token", "left"), ("in trace", "right"),
+                       ("exact", "left"), ("proxy", "left")):
+            dec.add_column(col, justify=j, no_wrap=True)
+        for c in report.decisions:
+            dec.add_row(str(c.rank), str(c.step + 1), token_label(c.text), f"{c.recorded:.2f}",
+                        _sig_rank(c.exact, c.exact_rank, report.n_ranked),
+                        _sig_rank(c.proxy, c.proxy_rank, report.n_ranked))
+        parts.append(dec)
+    else:
+        parts.append(Text("the trace has no decision points to compare", style="dim"))
+    return Group(*parts)
+
+
+def show_exact(report, out: Console = console) -> None:
+    out.print()
+    out.print(exact_view(report))
 
 
 def exported(fmt: str, path, out: Console = console) -> None:

@@ -212,3 +212,59 @@ def test_foreign_heads_sidecar_refused(tmp_path):
 
 def test_missing_heads_file(tmp_path):
     one_line_error(run("ask", PROBLEM, "--heads", str(tmp_path / "x.sage.gguf")), "no heads sidecar")
+
+
+def test_exact_needs_tracking():
+    one_line_error(run("ask", PROBLEM, "--exact", "--no-track"), "--exact", "--no-track")
+
+
+def test_default_ask_imports_no_torch(tmp_path):
+    """Only --exact imports torch: the default `sage ask` path (tracking, analysis,
+    analysis) does not (fresh process)."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from sage_cli.main import app\n"
+        f"r = CliRunner().invoke(app, ['ask', {PROBLEM!r}, '--max-tokens', '8', '--alternatives', '0'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    env = dict(os.environ, SAGE_HOME=str(tmp_path / "home"))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1], env=env)
+
+
+@pytest.mark.slow
+def test_ask_exact_then_explain_exact():
+    """ask --exact: decision points from exact eq. 7, the proxy's agreement and the time in
+    the trace; explain --exact recomputes it from the saved trace and the model file."""
+    import io
+    import math
+
+    from rich.console import Console
+
+    from model.trace import load_trace
+    from sage_cli.ui import THEME, AskView
+
+    r = run("ask", PROBLEM, "--max-tokens", "24", "--exact", "--alternatives", "1", "--json")
+    assert r.exit_code == 0, r.output
+    a = json.loads(r.stdout)["analysis"]
+    assert "exact" in a["proxy"]
+    x = a["exact"]
+    assert math.isfinite(x["spearman_vs_proxy"]) and -1 <= x["spearman_vs_proxy"] <= 1
+    assert x["exact_s"] > 0 and x["load_s"] >= 0
+    # the Rich view says how the significance was computed, the agreement and the time
+    trace = load_trace(Path(os.environ["SAGE_HOME"]) / "last.json")
+    buf = io.StringIO()
+    AskView(Console(file=buf, theme=THEME, width=200)).summary(trace, None)
+    line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith("significance: exact"))
+    assert f"Spearman vs the llama.cpp proxy {x['spearman_vs_proxy']:+.2f}" in line and f"{x['exact_s']:.1f} s" in line
+
+    r = run("explain", "--exact")
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.stdout.split())
+    assert "Exact eq. 7" in out and "Spearman of the proxy formula vs exact" in out
+    assert "What each step depends on most" in out
+    for d in a["decisions"]:  # significance recorded by ask --exact = explain's exact value
+        assert f"{d['significance']:.2f} " in out
+    if a["decisions"]:
+        assert "Decision points: exact vs proxy" in out

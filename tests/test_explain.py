@@ -296,3 +296,36 @@ def test_loads_no_model(tmp_path):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1], env=dict(os.environ))
+
+
+def test_trace_without_exact_field_loads(tmp_path):
+    """Traces saved before `--exact` existed have no analysis.exact: they still load."""
+    from model.trace import load_trace
+
+    d = make_trace().to_dict()
+    del d["analysis"]["exact"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(d))
+    assert load_trace(path).analysis.exact is None
+    r = run(str(path))
+    assert r.exit_code == 0, r.output
+
+
+def test_exact_field_is_validated(tmp_path):
+    trace = make_trace()
+    trace.analysis.exact = {"spearman_vs_proxy": None, "exact_s": 1.5, "load_s": 0.0, "forward_s": 1.0}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace.to_dict()))
+    assert run(str(path)).exit_code == 0
+    d = trace.to_dict()
+    d["analysis"]["exact"]["spearman_vs_proxy"] = "high"
+    path.write_text(json.dumps(d))
+    one_line_error(run(str(path)), "not a valid sage trace", "$.analysis.exact.spearman_vs_proxy")
+
+
+def test_exact_without_the_model_file():
+    """--exact needs the trace's model: gone, one line naming the path, nothing else printed."""
+    save_trace(make_trace(), home())
+    r = run("--exact")
+    one_line_error(r, "/models/smollm2.gguf")
+    assert r.stdout == ""
