@@ -49,6 +49,7 @@ class BenchSettings:
     max_decisions: int = 3
     alternatives: int = 2
     threads: int | None = None
+    heads: str | None = None  # SAGE heads sidecar for configurations 2-4 (None: the analytic heads)
 
 
 # --- problem sets ----------------------------------------------------------------------
@@ -224,8 +225,14 @@ class Runner:
             self.mem["rss_model"] = rss_now()
         if need_tracked:
             n_seq = 1 + s.max_decisions * s.alternatives if "rollouts" in configs else 1
+            heads = None
+            if s.heads:
+                from model.heads import SageHeads
+
+                heads = SageHeads.load(Path(s.heads))
+                self.mem["heads"] = os.path.getsize(s.heads)
             self.engines["tracked"] = eng = Engine(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads, track=True,
-                                                   n_seq_max=n_seq)
+                                                   n_seq_max=n_seq, heads=heads)
             self.mem["rss_model"] = rss_now()
             eng.tracker.allocate(eng.n_ctx, s.max_tokens + 1)
             self.mem["tracking_buffers"] = int(sum(a.nbytes for a in (eng.tracker.attn, eng.tracker.vattn,
@@ -384,7 +391,7 @@ def summarize(runs: dict[str, list[Run]], problems: list[Problem], mem: bool) ->
         }
         if mem:
             row["memory"] = {k: _median([r.mem.get(k, 0) for r in rs]) for k in
-                             ("weights_file", "rss_model", "kv_cache", "tracking_buffers", "peak_rss")}
+                             ("weights_file", "rss_model", "kv_cache", "tracking_buffers", "heads", "peak_rss")}
         first = rs[0]
         row["accuracy"] = sum(score(a, p) for a, p in zip(first.answers, problems)) / n_prob
         if first.votes:

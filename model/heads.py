@@ -197,6 +197,9 @@ class SageHeads:
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
             w.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; a sidecar is an ordinary file
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -264,16 +267,33 @@ def sidecar_path(model_path: Path) -> Path:
 SHIPPED = Path(__file__).resolve().parent / "sidecars"  # heads sage ships for its presets
 
 
-def find_heads(model_path: Path, preset: str | None = None) -> Path | None:
-    """The sidecar beside the model, else one sage ships for the preset."""
+def model_stem(model_path: Path) -> str:
+    """NAME of NAME-Q4_K_M.gguf (the quantization is not part of the heads' identity)."""
+    name = Path(model_path).name
+    name = name[: -len(".gguf")] if name.endswith(".gguf") else name
+    return re.sub(r"[-.](?:Q\d\w*|F16|F32|BF16)$", "", name, flags=re.I)
+
+
+def heads_name(model_path: Path, preset: str | None = None) -> str:
+    """File name `sage heads train` gives a model's sidecar in the user's heads dir."""
+    return f"{preset or model_stem(model_path)}{SUFFIX}"
+
+
+def find_heads(model_path: Path, preset: str | None = None, user_dir: Path | None = None) -> Path | None:
+    """The sidecar beside the model, else one `sage heads train` wrote to user_dir (named
+    after the preset or the model file), else one sage ships for the preset."""
     beside = sidecar_path(model_path)
     if beside.is_file():
         return beside
     # `sage convert` writes NAME-Q4_K_M.gguf beside one NAME.sage.gguf for all its quant types
-    stem = re.sub(r"-(?:Q\d\w*|F16|F32|BF16)$", "", Path(model_path).name[: -len(".gguf")], flags=re.I)
+    stem = model_stem(model_path)
     shared = Path(model_path).with_name(stem + SUFFIX)
     if shared.is_file():
         return shared
+    if user_dir is not None:
+        mine = Path(user_dir) / heads_name(model_path, preset)
+        if mine.is_file():
+            return mine
     if preset:
         shipped = SHIPPED / f"{preset}{SUFFIX}"
         if shipped.is_file():

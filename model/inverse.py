@@ -39,6 +39,9 @@ class AnalysisConfig:
     alternatives: int = 2  # rollouts per decision point (<= 5)
     min_alt_prob: float = 0.01  # alternatives below this are listed, never rolled out
     rollout_tokens: int | None = None  # per branch; default: 2x the rest of the chain + 32
+    # instead: every branch ends where the chain's own token cap would (the chain's
+    # max_tokens), so a branch is never judged on tokens its chain did not get
+    rollout_total: int | None = None
     batch_rollouts: bool = False  # one llama_decode for all branches of a decision (faster, not bit-exact)
 
 
@@ -300,7 +303,10 @@ def rollout(
         if not alts:
             continue
         engine.seq_remove(0, d.position, -1)  # the chain after this point is no longer needed
-        budget = cfg.rollout_tokens or max(64, 2 * (n_gen - d.token_index) + 32)
+        if cfg.rollout_total:
+            budget = max(1, cfg.rollout_total - d.token_index - 1)
+        else:
+            budget = cfg.rollout_tokens or max(64, 2 * (n_gen - d.token_index) + 32)
         branches = []
         for i, a in enumerate(alts):
             b = _Branch(engine, d, a, seq=1 + i, budget=budget, seed=seed, index=index)
@@ -363,14 +369,18 @@ def _q(text: str) -> str:
     return repr(text.strip() or text)
 
 
-def explain(trace: Trace, decisions: list[Decision], consistency: float | None, conf: float | None) -> Explanation:
-    """The four parts of the paper's explanation, each sentence from a measured fact."""
+def explain(trace: Trace, decisions: list[Decision], consistency: float | None, conf: float | None,
+            trained: bool = False) -> Explanation:
+    """The four parts of the paper's explanation, each sentence from a measured fact.
+    trained: the decisions were scored by trained SAGE heads (d.score is their probability)."""
     just, alts, confs, deps = [], [], [], []
     for d in decisions:
-        dep = ", ".join(str(i + 1) for i in d.dependents) or "none"
+        dep = ", ".join(str(i + 1) for i in d.dependents)
+        sig = (f"normalized significance {d.significance:.2f} for step(s) {dep}" if dep
+               else f"normalized significance {d.significance:.2f} (its largest for any later step)")
+        head = f"; the trained heads rate it a decision point with p={d.score:.2f}" if trained else ""
         just.append(
-            f"Decision {d.rank} (step {d.step + 1}): the model wrote {_q(d.text)} with p={d.prob:.2f}; "
-            f"normalized significance {d.significance:.2f} for step(s) {dep}."
+            f"Decision {d.rank} (step {d.step + 1}): the model wrote {_q(d.text)} with p={d.prob:.2f}; {sig}{head}."
         )
         for b in d.branches:
             where = (
@@ -495,6 +505,6 @@ def analyze(
         refined=refined,
         notes=notes,
         answer_confidence=answer_conf,
-        explanation=explain(trace, decisions, consistency, answer_conf),
+        explanation=explain(trace, decisions, consistency, answer_conf, trained=heads is not None and heads.trained),
         timings=timings,
     )

@@ -94,7 +94,7 @@ def ask(
 
         from model.heads import SageHeads, find_heads
 
-        where = Path(heads) if heads else find_heads(resolved.path, resolved.name)
+        where = Path(heads) if heads else find_heads(resolved.path, resolved.preset, sage_home() / "heads")
         if heads and not where.is_file():
             raise SageError(f"no heads sidecar at {heads}")
         sidecar = SageHeads.load(where) if where else None

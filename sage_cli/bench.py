@@ -31,6 +31,11 @@ def bench(
         bool, typer.Option("--accuracy", help="Score greedy vs branch-vote answers (only configurations 1 and 4 run).")
     ] = False,
     model: ModelOpt = None,
+    heads: Annotated[
+        Optional[str],
+        typer.Option("--heads", help="SAGE heads sidecar for (2)-(4); default: the one `sage ask` uses; "
+                     "'none' for the analytic heads.", show_default=False),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the problem sample.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -45,20 +50,38 @@ def bench(
     Example: sage bench --mem --n 5 --reps 2
     """
     from model.bench import CONFIGS, PAPER, BenchSettings, problem_set, run_bench, summarize
+    from model.errors import SageError
     from model.trace import write_json_atomic
     from sage_cli.presets import resolve_model
     from sage_cli.ui import BenchView
 
     if max_tokens < 1:
-        from model.errors import SageError
-
         raise SageError("--max-tokens must be at least 1")
     label, probs = problem_set(problems, n, seed)
     resolved = resolve_model(model)
     from model.engine import check_gguf_file
 
     check_gguf_file(resolved.path)
-    settings = BenchSettings(model_path=str(resolved.path), max_tokens=max_tokens)
+    from pathlib import Path
+
+    from model.heads import find_heads
+
+    if heads == "none":
+        sidecar = None
+    elif heads:
+        if not Path(heads).is_file():
+            raise SageError(f"no heads sidecar at {heads}")
+        sidecar = Path(heads)
+    else:
+        sidecar = find_heads(resolved.path, resolved.preset, sage_home() / "heads")
+    if sidecar is not None:
+        from model.engine import Engine
+        from model.heads import SageHeads
+
+        with Engine(resolved.path, n_ctx=64, heads=SageHeads.load(sidecar)):
+            pass  # a sidecar for another model is refused here, not in a worker
+    settings = BenchSettings(model_path=str(resolved.path), max_tokens=max_tokens,
+                             heads=str(sidecar) if sidecar else None)
     configs = ("forward", "rollouts") if accuracy else CONFIGS
     view = None if json_out else BenchView()
     total = reps * len(configs) * (1 if mem else len(probs))
@@ -76,6 +99,7 @@ def bench(
         "reps": reps,
         "max_tokens": max_tokens,
         "mem": mem,
+        "heads": str(sidecar) if sidecar else "analytic (built in)",
         "configs": table,
         "paper": PAPER,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000"),

@@ -7,13 +7,14 @@ from typing import Annotated, Optional
 import typer
 
 from model import __version__
-from sage_cli import ask, bench, convert, explain, models
+from sage_cli import ask, bench, convert, explain, heads, models
 
 app = typer.Typer(
     name="sage",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal
 )
 
 
@@ -42,6 +43,7 @@ app.command("explain")(explain.explain)
 app.command("bench")(bench.bench)
 app.command("convert")(convert.convert)
 app.command("models")(models.models)
+app.add_typer(heads.app, name="heads")
 
 
 def main() -> None:

@@ -67,6 +67,11 @@ class Resolved:
     path: Path
     name: str  # what the user asked for (preset name, hub spec or file name)
 
+    @property
+    def preset(self) -> str | None:
+        """The preset's name when the model is one (not a path or a hub spec)."""
+        return self.name if self.name in PRESETS else None
+
 
 def cache_dir() -> Path:
     """sage's cache (assembled package models): $XDG_CACHE_HOME/sage or ~/.cache/sage."""

@@ -315,13 +315,15 @@ class BenchView:
             tr = r["configs"].get("track", {}).get("memory", {})
             self.out.print(Text(
                 f"model file {m['weights_file'] / 2**20:.0f} MiB · KV cache {m['kv_cache'] / 2**20:.0f} MiB (allocated, f16) · "
-                f"tracking buffers {tr.get('tracking_buffers', 0) / 2**20:.1f} MiB · heads: none (no sidecar yet)",
+                f"tracking buffers {tr.get('tracking_buffers', 0) / 2**20:.1f} MiB · heads "
+                + (f"{tr['heads'] / 2**10:.0f} KiB" if tr.get("heads") else "analytic (built in)"),
                 style="dim"))
         for c, row in r["configs"].items():
             if "vote_accuracy" in row:
                 self.out.print(Text(
                     f"greedy {row['accuracy']:.2f} vs branch-vote {row['vote_accuracy']:.2f}; tokens per problem "
                     f"{row['tokens_per_problem']:.0f} vs {row['vote_tokens_per_problem']:.0f}", style="dim"))
+        self.out.print(Text(f"heads: {r.get('heads', 'analytic (built in)')}", style="dim"))
         if saved:
             self.out.print(Text(f"saved to {saved}", style="dim"))
 

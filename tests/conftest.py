@@ -34,3 +34,18 @@ def engine(smollm2_path):
     eng = Engine(smollm2_path, n_ctx=1024, name="smollm2-135m")
     yield eng
     eng.close()
+
+
+@pytest.fixture
+def run_sage():
+    """Run the installed `sage` command in a subprocess (the test's SAGE_HOME applies)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("sage")
+
+    def run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -116,10 +116,13 @@ def test_short_bench_memory():
         assert _positive_finite(m["peak_rss"]) and _positive_finite(m["weights_file"]), c
         assert math.isfinite(row["memory_overhead_vs_forward"])
     assert res["configs"]["track"]["memory"]["tracking_buffers"] > 0
+    assert res["heads"].endswith("smollm2-135m.sage.gguf")  # the shipped heads, as sage ask uses them
+    assert res["configs"]["track"]["memory"]["heads"] > 0
 
 
 def test_accuracy_mode():
-    res = _bench("--accuracy")
+    res = _bench("--accuracy", "--heads", "none")
+    assert res["heads"] == "analytic (built in)"
     assert list(res["configs"]) == ["forward", "rollouts"]
     row = res["configs"]["rollouts"]
     assert 0 <= row["accuracy"] <= 1 and 0 <= row["vote_accuracy"] <= 1
@@ -127,7 +130,7 @@ def test_accuracy_mode():
 
 
 @pytest.mark.parametrize("args,needle", [(["--problems", "nope.jsonl"], "no problems file"), (["--n", "0"], "--n"),
-                                         (["--reps", "0"], "--reps")])
+                                         (["--reps", "0"], "--reps"), (["--heads", "nope.sage.gguf"], "no heads")])
 def test_bench_bad_input(args, needle):
     r = runner.invoke(app, ["bench", *args])
     assert r.exit_code == 2

@@ -37,7 +37,9 @@ def test_version():
     assert r.exit_code == 0 and r.stdout.startswith("sage ")
 
 
-@pytest.mark.parametrize("cmd", [[], ["ask"], ["explain"], ["bench"], ["convert"], ["models"]])
+@pytest.mark.parametrize(
+    "cmd", [[], ["ask"], ["explain"], ["bench"], ["convert"], ["models"], ["heads"], ["heads", "train"], ["heads", "show"]]
+)
 def test_help_has_example(cmd):
     r = run(*cmd, "--help")
     assert r.exit_code == 0

@@ -60,3 +60,55 @@ def test_engine_with_analytic_heads_matches_builtin(smollm2_path, engine):
     db = [(d.token_index, d.significance, [x.token_ids for x in d.branches]) for d in tb.analysis.decisions]
     assert da == db
     assert "analytic sidecar" in ta.analysis.heads
+
+
+def test_input_bias_round_trip(tmp_path):
+    h = SageHeads.analytic("fp", "m", [3], 4)
+    h.inverse.b_in = np.full(h.inverse.w_in.shape[1], 0.25, np.float32)
+    h.inverse.sigmoid, h.trained = True, True
+    path = tmp_path / "m.sage.gguf"
+    h.save(path)
+    g = SageHeads.load(path)
+    x = np.random.default_rng(1).random((9, len(FEATURES))).astype(np.float32)
+    assert np.array_equal(g.inverse.b_in, h.inverse.b_in) and np.allclose(g.inverse(x), h.inverse(x))
+    assert np.allclose(h.inverse(x), 1 / (1 + np.exp(-(x[:, FEATURES.index("significance")] + 0.25))))
+
+
+def test_find_heads_order(tmp_path, monkeypatch):
+    from model import heads as H
+
+    shipped, user = tmp_path / "shipped", tmp_path / "user"
+    shipped.mkdir(), user.mkdir()
+    monkeypatch.setattr(H, "SHIPPED", shipped)
+    model = tmp_path / "models" / "Foo-1B-Q4_K_M.gguf"
+    model.parent.mkdir()
+    model.write_bytes(b"GGUF")
+    assert H.find_heads(model, "foo", user) is None
+    (shipped / "foo.sage.gguf").write_bytes(b"x")
+    assert H.find_heads(model, "foo", user) == shipped / "foo.sage.gguf"
+    assert H.find_heads(model, None, user) is None  # shipped heads are per preset
+    (user / "foo.sage.gguf").write_bytes(b"x")
+    assert H.find_heads(model, "foo", user) == user / "foo.sage.gguf"
+    (user / "Foo-1B.sage.gguf").write_bytes(b"x")
+    assert H.find_heads(model, None, user) == user / "Foo-1B.sage.gguf"  # named without the quant type
+    (model.parent / "Foo-1B.sage.gguf").write_bytes(b"x")  # as sage convert writes it
+    assert H.find_heads(model, "foo", user) == model.parent / "Foo-1B.sage.gguf"
+    (model.parent / "Foo-1B-Q4_K_M.sage.gguf").write_bytes(b"x")
+    assert H.find_heads(model, "foo", user) == model.parent / "Foo-1B-Q4_K_M.sage.gguf"
+
+
+def test_embedded_model_ships_trained_heads(smollm2_path, engine):
+    """The sidecar `sage heads train` made for the default model ships in the package, is
+    bound to it, and records how it was made and what it measured."""
+    import json
+
+    from model.heads import SHIPPED, find_heads
+
+    path = find_heads(smollm2_path, "smollm2-135m")
+    assert path == SHIPPED / "smollm2-135m.sage.gguf"
+    heads = SageHeads.load(path)
+    assert heads.trained and heads.fingerprint == fingerprint(engine)
+    assert heads.info["command"].startswith("sage heads train")
+    m = json.loads(heads.info["metrics"])
+    assert m["test_labels"] > 0 and 0 <= m["auroc_trained"] <= 1 and 0 <= m["ece_trained"] <= 1
+    assert set(heads.tracked_layers) <= set(engine.full_attention_layers())

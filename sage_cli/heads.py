@@ -1,0 +1,162 @@
+"""`sage heads`: train SAGE heads for a model from its own counterfactual rollouts, and
+show what a sidecar holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from model.errors import SageError
+from sage_cli.common import JsonOpt, ModelOpt, sage_home, user_errors
+
+app = typer.Typer(
+    name="heads",
+    help="Train and inspect SAGE heads (tracking heads, inverse analysis layer, meta-cognitive head).\n\n"
+    "Example: sage heads train --n 128 --seed 0",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal
+)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise SageError(f"{out} is a directory; give a file name")
+    if not out.name.endswith(".sage.gguf"):
+        raise SageError(f"{out}: a heads sidecar is named NAME.sage.gguf")
+    if out.exists() and not force:
+        raise SageError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise SageError(f"cannot write {out}: directory {out.parent} does not exist")
+
+
+@app.command("train")
+@user_errors
+def train(
+    model: ModelOpt = None,
+    n: Annotated[int, typer.Option("--n", help="Problems: half GSM8K-train (../shared/data), half arithmetic.")] = 64,
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of the problems held out for evaluation.")] = 0.25,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the problem sample, the token sample and training.")] = 0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per answer.")] = 160,
+    sample: Annotated[
+        int, typer.Option("--sample", help="Random candidate tokens rolled out per chain, beside the analytic decisions.")
+    ] = 4,
+    depth: Annotated[int, typer.Option("--depth", help="Blocks of the inverse analysis layer (the paper: 6).")] = 6,
+    width: Annotated[int, typer.Option("--width", help="Width of the inverse analysis layer.")] = 16,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (full batch; best validation epoch kept).")] = 300,
+    n_heads: Annotated[int, typer.Option("--heads", help="Attention heads to track.")] = 8,
+    max_layers: Annotated[int, typer.Option("--layers", help="Most layers the tracked heads may span.")] = 4,
+    labels: Annotated[
+        Optional[Path],
+        typer.Option("--labels", help="Labels file (JSON lines), reused and resumed. Default: in the user data dir.",
+                     show_default=False),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Sidecar to write. Default: NAME.sage.gguf in the user data dir's heads/, "
+                     "where `sage ask` finds it.", show_default=False),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing sidecar.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train SAGE heads on the model's own counterfactual rollouts and write NAME.sage.gguf.
+
+    Every problem is answered greedily with attention tracking; the analytic decision
+    points and a seeded sample of other uncertain tokens are rolled out with their
+    alternatives. A token's label: the answer changes under the alternative. A chain's
+    label: its answer is right. Then the tracking heads are chosen by how well their
+    attention ranks those labels, the inverse analysis layer (from its analytic start) and
+    the meta-cognitive head are trained with torch on CPU, and both are evaluated on the
+    held-out problems exactly as `sage ask` runs them: decision AUROC analytic vs trained,
+    confidence calibration error (ECE).
+
+    Labels are saved as they are collected: an interrupted run resumes.
+
+    Example: sage heads train --n 128 --seed 0
+    """
+    from model.heads import heads_name
+    from sage_cli.presets import resolve_model
+
+    for name, v, lo in (("--n", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--depth", depth, 1),
+                        ("--width", width, 2), ("--epochs", epochs, 1), ("--heads", n_heads, 1),
+                        ("--layers", max_layers, 1)):
+        if v < lo:
+            raise SageError(f"{name} must be at least {lo}")
+    if not 0.0 < holdout < 1.0:
+        raise SageError("--holdout must be between 0 and 1")
+    resolved = resolve_model(model)
+    from model.engine import check_gguf_file
+
+    check_gguf_file(resolved.path)
+    name = heads_name(resolved.path, resolved.preset)
+    out = out or sage_home() / "heads" / name
+    if out == sage_home() / "heads" / name:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out(out, force)  # before the long part, not after it
+    labels = labels or sage_home() / "heads" / f"{name[: -len('.sage.gguf')]}.labels-seed{seed}-n{n}.jsonl"
+    if labels.is_dir():
+        raise SageError(f"--labels {labels} is a directory; give a file name")
+
+    from model.heads_train import TrainSettings, train as run_train
+    from model.heads_train import training_problems
+    from sage_cli.ui_heads import HeadsView
+
+    training_problems(n, seed, holdout)  # refuse missing data now
+    s = TrainSettings(model_path=resolved.path, base_name=resolved.preset or resolved.path.name, n=n,
+                      holdout=holdout, seed=seed, max_tokens=max_tokens, n_sample=sample, depth=depth, width=width,
+                      epochs=epochs, n_heads=n_heads, max_layers=max_layers, labels=labels)
+    view = None if json_out else HeadsView()
+    if view:
+        with view.live(n) as on_event:
+            res = run_train(s, on_event)
+    else:
+        res = run_train(s)
+    cmd = (f"sage heads train --model {resolved.name} --n {n} --holdout {holdout} --seed {seed} "
+           f"--max-tokens {max_tokens} --sample {sample} --depth {depth} --width {width} --epochs {epochs} "
+           f"--heads {n_heads} --layers {max_layers}")
+    res.heads.info["command"] = cmd
+    res.heads.save(out, force=force)
+    if json_out:
+        print(json.dumps({"sidecar": str(out), "labels": str(labels), "metrics": res.metrics}))
+    else:
+        view.results(res.heads, res.metrics, out, labels)
+
+
+@app.command("show")
+@user_errors
+def show(
+    sidecar: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="SIDECAR", help="A NAME.sage.gguf. Default: the heads `sage ask` uses for --model.",
+                       show_default=False),
+    ] = None,
+    model: ModelOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show what a heads sidecar holds: the base model, tracked heads, the inverse layer,
+    and the metrics measured when it was trained.
+
+    Example: sage heads show
+    """
+    from model.heads import SageHeads, find_heads
+    from sage_cli.ui_heads import HeadsView
+
+    if sidecar is None:
+        from sage_cli.presets import resolve_model
+
+        resolved = resolve_model(model)
+        sidecar = find_heads(resolved.path, resolved.preset, sage_home() / "heads")
+        if sidecar is None:
+            raise SageError(f"no heads sidecar for {resolved.name}: `sage ask` uses the built-in analytic heads; "
+                            "train some with `sage heads train`")
+    elif not sidecar.is_file():
+        raise SageError(f"no heads sidecar at {sidecar}")
+    heads = SageHeads.load(sidecar)
+    if json_out:
+        print(json.dumps(HeadsView.summary(heads, sidecar)))
+    else:
+        HeadsView().show(heads, sidecar)

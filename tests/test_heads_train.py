@@ -1,0 +1,197 @@
+"""`sage heads train`: metrics, head selection, the torch twin of the inverse layer, the
+meta head, labels files, and the whole command on the embedded model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from model.errors import SageError
+from model.heads import FEATURES, META_FEATURES, SageHeads
+from model.heads_train import (
+    TorchInverse,
+    auroc,
+    ece,
+    select_heads,
+    train_inverse,
+    train_meta,
+    training_problems,
+)
+
+
+def test_auroc_matches_pair_counting():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, 40).astype(float)  # many ties
+    y = rng.random(40) < 0.4
+    pairs = [(a, b) for a, b in itertools.product(s[y], s[~y])]
+    brute = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert auroc(s, y) == pytest.approx(brute)
+    assert auroc([1, 2, 3], [0, 1, 1]) == 1.0
+    assert auroc([3, 2, 1], [0, 1, 1]) == 0.0
+    assert np.isnan(auroc([1, 2], [1, 1]))
+
+
+def test_ece():
+    assert ece([0.9, 0.9, 0.1, 0.1], [1, 1, 0, 0]) == pytest.approx(0.1)
+    assert ece([0.5, 0.5], [1, 0]) == pytest.approx(0.0)
+    assert ece([1.0], [0]) == pytest.approx(1.0)
+
+
+def test_select_heads_keeps_the_best_within_the_layer_budget():
+    scores = np.full((5, 4), 0.5)
+    scores[0, 1], scores[1, 2], scores[2, 0], scores[3, 3], scores[1, 0] = 0.9, 0.8, 0.7, 0.65, 0.6
+    layers, w = select_heads(scores, [10, 11, 12, 13, 14], k=4, max_layers=2)
+    assert layers == [10, 11]  # layer 12's head would be a third layer
+    assert w.shape == (2, 4) and w.sum() == pytest.approx(1.0)
+    assert (w > 0).sum() == 3  # 0.9, 0.8, 0.6: nothing else fits
+    assert w[0, 1] > w[1, 2] > w[1, 0] > 0
+    with pytest.raises(SageError, match="better than chance"):
+        select_heads(np.full((2, 2), 0.4), [0, 1], k=2, max_layers=2)
+
+
+def test_torch_inverse_exports_to_the_numpy_layer():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 7, len(FEATURES))).astype(np.float32) * 3 + 1
+    mu, sd = x.reshape(-1, len(FEATURES)).mean(0), x.reshape(-1, len(FEATURES)).std(0) + 1e-6
+    import torch
+
+    net = TorchInverse(depth=2, d=8, mu=mu, sd=sd, seed=3)
+    with torch.no_grad():
+        for p in net.parameters():  # far from the initialization, so every weight matters
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+        mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+        logits = net(torch.tensor(x), mask).numpy()
+    layer = net.export()
+    assert np.allclose(1 / (1 + np.exp(-logits[0])), layer(x[0]), atol=1e-5)
+    assert np.allclose(1 / (1 + np.exp(-logits[1, :5])), layer(x[1, :5]), atol=1e-5)  # padding is masked
+
+
+def test_torch_inverse_starts_as_the_analytic_scorer():
+    """Its initialization is the eq. 7 significance itself (the blocks add nothing yet)."""
+    rng = np.random.default_rng(2)
+    x = rng.random((1, 30, len(FEATURES))).astype(np.float32)
+    import torch
+
+    net = TorchInverse(depth=6, d=16, mu=x[0].mean(0), sd=x[0].std(0) + 1e-6, seed=0)
+    with torch.no_grad():
+        out = net(torch.tensor(x), torch.ones(1, 30, dtype=torch.bool))[0].numpy()
+    sig = x[0, :, FEATURES.index("significance")]
+    assert np.allclose(out, sig, atol=1e-5)
+
+
+def test_train_inverse_learns_a_planted_rule():
+    """Labels that follow the margin feature, not the significance: training finds them."""
+    rng = np.random.default_rng(3)
+    feats, labels = [], []
+    for _ in range(30):
+        f = rng.random((20, len(FEATURES))).astype(np.float32)
+        toks = rng.choice(20, 8, replace=False)
+        labels.append([{"token": int(k), "label": int(f[k, FEATURES.index("margin")] < 0.4), "sampled": True}
+                       for k in toks])
+        feats.append(f)
+    layer, fit = train_inverse(feats, labels, val=8, depth=1, width=8, epochs=150, seed=0, lr=1e-2)
+    assert fit["val_auroc"] > 0.9 > fit["val_auroc_start"]
+    assert 0.05 <= fit["threshold"] <= 0.95
+    assert layer.sigmoid and layer.depth == 1
+
+
+def test_train_meta_is_a_calibrated_logistic_fit():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, len(META_FEATURES)))
+    p = 1 / (1 + np.exp(-(2.0 * x[:, 0] - 1.0)))
+    y = (rng.random(400) < p).astype(float)
+    head = train_meta(x, y, l2=0.1)
+    assert head.w[0] == pytest.approx(2.0, abs=0.5) and head.b == pytest.approx(-1.0, abs=0.4)
+    pred = np.array([head(r) for r in x])
+    assert ece(pred, y) < 0.08
+
+
+def test_training_problems_are_seeded_and_disjoint():
+    tr, te = training_problems(12, seed=5, holdout=0.25)
+    tr2, te2 = training_problems(12, seed=5, holdout=0.25)
+    assert [p.text for _, p in tr] == [p.text for _, p in tr2] and len(te) == 3 and len(tr) == 9
+    assert not {p.text for _, p in tr} & {p.text for _, p in te}
+    assert {s for s, _ in tr + te} == {"gsm8k", "arithmetic"}
+    with pytest.raises(SageError):
+        training_problems(3, 0, 0.25)
+    with pytest.raises(SageError):
+        training_problems(8, 0, 1.0)
+
+
+def test_labels_file_for_other_settings_is_refused(tmp_path, smollm2_path):
+    from model.heads_train import collect
+
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"sage_labels": 1, "max_tokens": 999, "n_sample": 1, "seed": 0}) + "\n")
+    with pytest.raises(SageError, match="other settings"):
+        collect(smollm2_path, [], path, max_tokens=16, n_sample=1, seed=0)
+
+
+@pytest.mark.slow
+def test_heads_train_end_to_end(tmp_path, smollm2_path, run_sage):
+    """The whole command on the embedded model, small: labels, heads, sidecar, and
+    `sage ask` running on the trained heads."""
+    out = tmp_path / "mine.sage.gguf"
+    labels = tmp_path / "labels.jsonl"
+    args = ["heads", "train", "--n", "8", "--max-tokens", "48", "--sample", "3", "--depth", "2", "--width", "8",
+            "--epochs", "20", "--labels", str(labels), "--out", str(out), "--json"]
+    r = run_sage(*args)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    m = res["metrics"]
+    assert m["train_problems"] + m["test_problems"] == 8 and m["train_labels"] > 0
+    for k in ("auroc_trained", "auroc_analytic", "ece_trained", "ece_analytic"):
+        assert k in m
+    heads = SageHeads.load(out)
+    assert heads.trained and heads.inverse.depth == 2 and abs(float(heads.head_weights.sum()) - 1) < 1e-5
+    assert "sage heads train" in heads.info["command"]
+    # resumed from the labels file: same sidecar, no new rollouts
+    lines = labels.read_text().splitlines()
+    assert len(lines) == 9
+    r2 = run_sage(*args[:-3], "--out", str(tmp_path / "again.sage.gguf"), "--json")
+    assert r2.returncode == 0, r2.stderr
+    assert json.loads(r2.stdout)["metrics"]["auroc_trained"] == m["auroc_trained"]
+    # existing output refused before any work
+    r3 = run_sage(*args)
+    assert r3.returncode == 2 and "exists" in r3.stderr and len(r3.stderr.strip().splitlines()) == 1
+    shown = run_sage("heads", "show", str(out), "--json")
+    assert json.loads(shown.stdout)["trained"] is True
+    ask = run_sage("ask", "What is 2 + 3?", "--max-tokens", "24", "--heads", str(out), "--json")
+    assert ask.returncode == 0, ask.stderr
+    assert json.loads(ask.stdout)["analysis"]["heads"].startswith("trained")
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--n", "2"], "--n must be at least 4"),
+        (["--holdout", "1.5"], "--holdout must be between 0 and 1"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--out", "x.gguf"], "NAME.sage.gguf"),
+        (["--out", "/nonexistent-dir/x.sage.gguf"], "does not exist"),
+        (["--model", "/nonexistent.gguf"], "model file not found"),
+    ],
+)
+def test_heads_train_bad_input(run_sage, args, msg):
+    r = run_sage("heads", "train", *args)
+    assert r.returncode == 2 and msg in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_heads_train_refuses_existing_output_before_work(run_sage, tmp_path):
+    out = tmp_path / "m.sage.gguf"
+    out.write_bytes(b"keep")
+    r = run_sage("heads", "train", "--out", str(out))
+    assert r.returncode == 2 and "--force" in r.stderr and out.read_bytes() == b"keep"
+
+
+def test_heads_show_without_sidecar_for_a_model(run_sage, tmp_path, smollm2_path):
+    import shutil
+
+    model = tmp_path / "copy.gguf"
+    shutil.copy(smollm2_path, model)
+    r = run_sage("heads", "show", "--model", str(model))
+    assert r.returncode == 2 and "no heads sidecar" in r.stderr
