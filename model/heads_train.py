@@ -638,6 +638,8 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
         "best_head_auroc": float(np.nanmax(hs)),
         "collect_s": t_collect - t_start, "train_s": time.time() - t_collect,
     }
+    # undefined numbers (a class missing from a small held-out set) are null, never NaN, in JSON
+    metrics = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
     heads.info = {
         "data": f"{s.n} problems (GSM8K train + arithmetic), seed {s.seed}",
         "seed": str(s.seed),

@@ -153,7 +153,11 @@ def test_heads_train_end_to_end(tmp_path, smollm2_path, run_sage):
     assert len(lines) == 9
     r2 = run_sage(*args[:-3], "--out", str(tmp_path / "again.sage.gguf"), "--json")
     assert r2.returncode == 0, r2.stderr
-    assert json.loads(r2.stdout)["metrics"]["auroc_trained"] == m["auroc_trained"]
+    again = SageHeads.load(tmp_path / "again.sage.gguf")  # training is seeded: the same heads
+    assert again.tracked_layers == heads.tracked_layers and np.array_equal(again.head_weights, heads.head_weights)
+    assert np.array_equal(again.inverse.w_in, heads.inverse.w_in) and np.array_equal(again.meta.w, heads.meta.w)
+    m2 = json.loads(r2.stdout)["metrics"]
+    assert {k: v for k, v in m2.items() if not k.endswith("_s")} == {k: v for k, v in m.items() if not k.endswith("_s")}
     # existing output refused before any work
     r3 = run_sage(*args)
     assert r3.returncode == 2 and "exists" in r3.stderr and len(r3.stderr.strip().splitlines()) == 1
