@@ -204,8 +204,18 @@ def convert(
     for target in (model_path, heads_path):  # before any work
         if target.is_dir():
             raise SageError(f"{target} is a directory")
-        if target.exists() and not force:
-            raise SageError(f"{target} exists; pass --force to overwrite it")
+    if model_path.exists() and not force:
+        raise SageError(f"{model_path} exists; pass --force to overwrite it")
+    # one NAME.sage.gguf serves every quantization of NAME: another type converted into the
+    # same directory keeps it (if it belongs to this model), unless --force
+    keep_heads = heads_path.exists() and not force
+    if keep_heads:
+        from model.heads import SageHeads
+
+        try:
+            SageHeads.load(heads_path)
+        except SageError:
+            raise SageError(f"{heads_path} exists; pass --force to overwrite it") from None
     if out.exists() and not out.is_dir():
         raise SageError(f"{out} is not a directory")
     if source.path is None:
@@ -244,7 +254,14 @@ def convert(
         stage("heads")
         engine = Engine(tmp_model, n_ctx=256)
         try:
-            heads_from = make_heads(source.path, source.name, engine, tmp_heads)
+            if keep_heads:
+                from model.heads import fingerprint
+
+                if SageHeads.load(heads_path).fingerprint != fingerprint(engine):
+                    raise SageError(f"{heads_path} exists and belongs to another model; pass --force to replace it")
+                heads_from = "existing sidecar kept"
+            else:
+                heads_from = make_heads(source.path, source.name, engine, tmp_heads)
             verification = None
             if verify:
                 stage("verify")
@@ -252,7 +269,8 @@ def convert(
         finally:
             engine.close()
         os.replace(tmp_model, model_path)
-        os.replace(tmp_heads, heads_path)
+        if not keep_heads:
+            os.replace(tmp_heads, heads_path)
     except BaseException:
         for f in (tmp_input, tmp_model, tmp_heads):
             f.unlink(missing_ok=True)

@@ -50,12 +50,22 @@ def convert(
         qtype = "Q4_K_M"
     elif q4 and qtype.strip().upper() != "Q4_K_M":
         raise SageError(f"--q4 means Q4_K_M; it conflicts with --qtype {qtype}")
+    from convert import normalize_qtype
+
+    qtype = normalize_qtype(qtype)
     view = None if json_out else ConvertView()
     try:
         if view:
-            view.header(src, qtype.upper())
             with view.progress() as (on_tensor, on_stage):
-                result = run_convert(src, out, qtype, force=force, verify=verify, on_tensor=on_tensor, on_stage=on_stage)
+                started = []
+
+                def stage(name: str) -> None:
+                    if not started:  # the header once the input passed its checks: bad input gets one line
+                        started.append(name)
+                        view.header(src, qtype)
+                    on_stage(name)
+
+                result = run_convert(src, out, qtype, force=force, verify=verify, on_tensor=on_tensor, on_stage=stage)
         else:
             result = run_convert(src, out, qtype, force=force, verify=verify)
     except VerificationError as e:

@@ -265,7 +265,7 @@ class BenchView:
         def cm():
             with Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=self.out, transient=True,
+                console=self.out, transient=True, disable=not self.out.is_terminal,
             ) as prog:
                 task = prog.add_task(description, total=total)
                 yield lambda config: prog.update(task, advance=1, description=f"{description} · {config}")

@@ -39,7 +39,7 @@ class ConvertView:
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("[dim]{task.fields[tensor]}"),
-            console=self.out, transient=True,
+            console=self.out, transient=True, disable=not self.out.is_terminal,
         ) as prog:
             tasks: dict[str, int] = {}
 

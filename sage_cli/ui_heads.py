@@ -34,7 +34,7 @@ class HeadsView:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=self.out, transient=True) as prog:
+                      console=self.out, transient=True, disable=not self.out.is_terminal) as prog:
             task = prog.add_task(STAGES["collect"], total=n)
             seen = {"labels": 0, "right": 0}
 

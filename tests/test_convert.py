@@ -255,6 +255,11 @@ def test_existing_output_needs_force_and_nothing_is_touched(smol_vocab, tmp_path
     assert (out / "tiny.sage.gguf").stat().st_mtime_ns == before
     r = convert(src, out, "F16", force=True, verify=False)
     assert r.verification is None and SageHeads.load(r.heads_path).base_name == "tiny"
+    # another type into the same directory keeps the one sidecar of the model
+    heads_bytes = r.heads_path.read_bytes()
+    r2 = convert(src, out, "Q8_0", verify=False)
+    assert r2.heads == "existing sidecar kept" and r2.heads_path.read_bytes() == heads_bytes
+    assert files(out) == ["tiny-F16.gguf", "tiny-Q8_0.gguf", "tiny.sage.gguf"]
 
 
 def test_interrupted_write_leaves_nothing(smol_vocab, tmp_path, monkeypatch):
