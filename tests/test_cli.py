@@ -186,6 +186,9 @@ def test_ctrl_c_saves_partial_trace(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        # as at a terminal: a runner that starts jobs in the background hands them
+        # SIGINT ignored, and Python then keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # wait until tokens stream (4 header lines, then numbers one per line), then interrupt
     buf = b""
