@@ -35,6 +35,9 @@ CONSISTENCY_TARGET = 0.8
 @dataclass
 class AnalysisConfig:
     threshold: float = 0.3  # the paper's decision threshold on normalized significance
+    # trained heads: the least decision probability of a candidate token (None: the
+    # sidecar's own, chosen when it was trained); analytic heads use `threshold`
+    score_threshold: float | None = None
     max_decisions: int = 3
     alternatives: int = 2  # rollouts per decision point (<= 5)
     min_alt_prob: float = 0.01  # alternatives below this are listed, never rolled out
@@ -454,9 +457,11 @@ def analyze(
     heads: SageHeads | None = engine.heads
     if heads is not None and heads.trained:
         scores = heads.inverse(token_features(trace, sig, attn, vattn, n_prompt))
-        decisions, n_cands = find_decisions(trace, sig, n_prompt, cfg, scores, heads.threshold, trained=True)
+        cand_threshold = heads.threshold if cfg.score_threshold is None else cfg.score_threshold
+        decisions, n_cands = find_decisions(trace, sig, n_prompt, cfg, scores, cand_threshold, trained=True)
     else:
         # analytic heads pass the significance feature through: the eq. 7 pipeline itself
+        cand_threshold = cfg.threshold
         decisions, n_cands = find_decisions(trace, sig, n_prompt, cfg)
     for d in decisions:
         d.dependencies = dependencies_of(d.token_index, vattn, content, n_prompt, texts)
@@ -496,7 +501,7 @@ def analyze(
         tracked_layers=list(tr.layers),
         tracker="native" if tr.native else "python",
         proxy=PROXY,
-        threshold=cfg.threshold,
+        threshold=cand_threshold,
         max_decisions=cfg.max_decisions,
         alternatives=cfg.alternatives,
         candidates=n_cands,

@@ -28,8 +28,13 @@ def ask(
         bool, typer.Option("--track/--no-track", help="Track attention and run the inverse analysis.")
     ] = True,
     threshold: Annotated[
-        float, typer.Option("--threshold", help="Decision threshold on normalized significance (paper: 0.3).")
-    ] = 0.3,
+        Optional[float],
+        typer.Option(
+            "--threshold",
+            help="Decision threshold: on normalized significance with analytic heads (default 0.3, the "
+            "paper's), on the decision probability with trained heads (default: the sidecar's own).",
+        ),
+    ] = None,
     max_decisions: Annotated[int, typer.Option("--max-decisions", help="Most decision points to keep.")] = 3,
     alternatives: Annotated[
         int, typer.Option("--alternatives", help="Alternatives rolled out per decision point (0-5).")
@@ -79,13 +84,13 @@ def ask(
         raise SageError("--ctx must be at least 64 tokens")
     if threads is not None and threads < 1:
         raise SageError("--threads must be at least 1")
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise SageError("--threshold must be between 0 and 1")
     if max_decisions < 0:
         raise SageError("--max-decisions must be >= 0")
     if not 0 <= alternatives <= 5:
         raise SageError("--alternatives must be between 0 and 5")
-    cfg = AnalysisConfig(threshold=threshold, max_decisions=max_decisions, alternatives=alternatives)
+    cfg = AnalysisConfig(max_decisions=max_decisions, alternatives=alternatives)
     t_start = process_start_time() or T_IMPORT
     resolved = resolve_model(model)
     sidecar = None
@@ -98,6 +103,11 @@ def ask(
         if heads and not where.is_file():
             raise SageError(f"no heads sidecar at {heads}")
         sidecar = SageHeads.load(where) if where else None
+    if threshold is not None:
+        if sidecar is not None and sidecar.trained:
+            cfg.score_threshold = threshold
+        else:
+            cfg.threshold = threshold
     engine = Engine(
         resolved.path,
         heads=sidecar,

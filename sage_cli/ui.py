@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -202,9 +202,7 @@ class AskView:
     @staticmethod
     def explanation_panel(analysis) -> Panel:
         e = analysis.explanation
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(no_wrap=True)
-        grid.add_column(ratio=1)
+        parts = []
         for title, lines in (
             ("Decision justification", e.justification),
             ("Alternatives", e.alternatives),
@@ -212,11 +210,21 @@ class AskView:
             ("Critical dependencies", e.dependencies),
         ):
             if lines:
-                grid.add_row(Text(title, style="section"), "")
+                parts.append(Text(title, style="section"))
+                bullets = Table.grid(padding=(0, 1))
+                bullets.add_column(no_wrap=True)
+                bullets.add_column(ratio=1)
                 for line in lines:
-                    grid.add_row(" •", Text(line))
-        for note in analysis.notes:
-            grid.add_row(Text("refined", style="warn"), Text(note, style="warn"))
+                    bullets.add_row(" •", Text(line))
+                parts.append(bullets)
+        if analysis.notes:
+            notes = Table.grid(padding=(0, 1))
+            notes.add_column(no_wrap=True)
+            notes.add_column(ratio=1)
+            for note in analysis.notes:
+                notes.add_row(Text("refined", style="warn"), Text(note, style="warn"))
+            parts.append(notes)
+        grid = Group(*parts)
         return Panel(grid, title="Explanation", title_align="left", border_style="cyan")
 
     @staticmethod

@@ -273,3 +273,23 @@ def test_ask_exact_then_explain_exact():
         assert f"{d['significance']:.2f} " in out
     if a["decisions"]:
         assert "Decision points: exact vs proxy" in out
+
+
+def test_threshold_applies_to_the_heads_in_use():
+    """--threshold is on the trained heads' decision probability with trained heads (the
+    shipped ones), on normalized significance with analytic heads; the trace records it."""
+    from model.heads import SageHeads, find_heads
+    from sage_cli.presets import resolve_model
+
+    shipped = SageHeads.load(find_heads(resolve_model(None).path, "smollm2-135m", None))
+    assert shipped.trained
+    common = ["ask", PROBLEM, "--max-tokens", "60", "--alternatives", "0", "--max-decisions", "20", "--json"]
+    own = json.loads(run(*common).stdout)["analysis"]
+    assert own["threshold"] == pytest.approx(shipped.threshold)
+    strict = json.loads(run(*common, "--threshold", "0.9").stdout)["analysis"]
+    assert strict["threshold"] == pytest.approx(0.9)
+    assert all(d["score"] >= 0.9 for d in strict["decisions"])
+    assert strict["candidates"] < own["candidates"]
+    analytic = json.loads(run(*common, "--heads", "none", "--threshold", "0.5").stdout)["analysis"]
+    assert analytic["threshold"] == pytest.approx(0.5)
+    assert analytic["decisions"] and all(d["significance"] >= 0.5 for d in analytic["decisions"])
