@@ -455,13 +455,23 @@ def train_inverse(feats: list[np.ndarray], labels: list[list[dict]], val: int, *
     with torch.no_grad():
         pv = torch.sigmoid(net(xv, mv)[lv]).numpy()
     layer = net.export()
-    # threshold: best F1 on validation
-    yvv = yv[lv].numpy().astype(bool)
-    ths = np.unique(np.round(pv, 3))
-    f1 = [2 * (p & yvv).sum() / max(p.sum() + yvv.sum(), 1) for p in (pv[None, :] >= ths[:, None])]
-    thr = float(np.clip(ths[int(np.argmax(f1))], 0.05, 0.95)) if len(ths) else 0.5
+    # threshold: best balanced accuracy (Youden's J = TPR - FPR) on validation; F1 would
+    # pick "everything is a decision point" whenever most labels are positive (they are)
+    thr = youden_threshold(pv, yv[lv].numpy().astype(bool))
     return layer, {"val_auroc_start": start, "val_auroc": best[0], "epoch": best[1], "threshold": thr,
                    "train_labels": int(lt.sum()), "train_positive": int(n_pos), "val_labels": int(lv.sum())}
+
+
+def youden_threshold(p: np.ndarray, y: np.ndarray) -> float:
+    """The threshold on p that maximizes TPR - FPR (ties: the highest), clipped to
+    [0.05, 0.95]; 0.5 when one class is missing."""
+    if y.all() or not y.any():
+        return 0.5
+    ths = np.unique(np.round(p, 3))
+    pred = p[None, :] >= ths[:, None]
+    j = pred[:, y].mean(axis=1) - pred[:, ~y].mean(axis=1)
+    best = np.flatnonzero(j == j.max())[-1]
+    return float(np.clip(ths[best], 0.05, 0.95))
 
 
 # --- 4. meta-cognitive head ------------------------------------------------------------------

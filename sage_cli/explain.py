@@ -40,11 +40,33 @@ class DecisionCheck:
 @dataclass
 class ExactReport:
     method: str  # how the gradient factor was computed
+    attention: str  # how the attention rows w_ij were aggregated
     spearman: float | None  # proxy formula vs exact: mean per-step Spearman (None: undefined)
     timings: dict[str, float]  # exact_s, forward_s, backward_s, load_s
     n_ranked: int  # generated tokens ranked
     steps: list[tuple[int, list[Dependency]]]  # per step: its most significant earlier tokens (exact)
     decisions: list[DecisionCheck]
+
+
+def trace_heads(trace: Trace, model_path: Path):
+    """The SAGE heads sidecar the trace was analyzed with, found as `sage ask` finds one
+    (beside the model, the user dir, the shipped one) and recognized by its description;
+    None for the built-in analytic heads or when it is not found."""
+    recorded = trace.analysis.heads if trace.analysis is not None else None
+    if not recorded or "sidecar" not in recorded:
+        return None
+    from model.heads import SageHeads, find_heads
+    from sage_cli.presets import PRESETS
+
+    preset = trace.model.name if trace.model.name in PRESETS else None
+    where = find_heads(model_path, preset, sage_home() / "heads")
+    if where is None:
+        return None
+    try:
+        heads = SageHeads.load(where)
+    except SageError:
+        return None
+    return heads if heads.describe() == recorded else None
 
 
 def exact_report(trace: Trace, top: int = EXACT_TOP) -> ExactReport:
@@ -62,7 +84,10 @@ def exact_report(trace: Trace, top: int = EXACT_TOP) -> ExactReport:
     from model.exact import exact_significance, proxy_agreement
     from model.inverse import map_prompt
 
-    eng = Engine(path, n_ctx=256)  # the tokenizer: the prompt is re-tokenized as `sage ask` did
+    heads = trace_heads(trace, path)
+    # the tokenizer (the prompt is re-tokenized as `sage ask` did) and, with the trace's
+    # own SAGE heads, the tracker's layers and head weights that aggregate the attention
+    eng = Engine(path, n_ctx=256, heads=heads, track=heads is not None)
     try:
         res = exact_significance(trace, engine=eng)
         prompt_tokens = eng.tokenize(trace.prompt)
@@ -95,8 +120,14 @@ def exact_report(trace: Trace, top: int = EXACT_TOP) -> ExactReport:
         for d in sorted(trace.analysis.decisions if trace.analysis else [], key=lambda d: d.rank)
         if 0 <= d.token_index < len(trace.tokens)
     ]
+    if heads is not None:
+        n = int((heads.head_weights > 0).sum())
+        attention = f"{heads.describe()}: {n} heads in layers {', '.join(map(str, heads.tracked_layers))}"
+    else:
+        attention = f"mean over all heads of layers {', '.join(map(str, res.layers))}"
     return ExactReport(
         method=res.method,
+        attention=attention,
         spearman=rho if math.isfinite(rho) else None,
         timings=dict(res.timings),
         n_ranked=int(eligible.sum()),

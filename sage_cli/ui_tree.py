@@ -206,7 +206,7 @@ def exact_view(report) -> Group:
     """`sage explain --exact`: what each step depends on under exact eq. 7, the trace's
     decision points ranked by exact significance and by the proxy, the agreement, the time."""
     t = report.timings
-    head = Text.assemble(("Exact eq. 7", "title"), f"  {report.method}")
+    head = Text.assemble(("Exact eq. 7", "title"), f"  {report.method}; attention: {report.attention}")
     facts = Text("Spearman of the proxy formula vs exact (mean per step): ")
     facts.append_text(_signed(report.spearman))
     facts.append(f" · {t.get('exact_s', 0.0):.1f} s", style="dim")

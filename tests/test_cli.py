@@ -269,6 +269,8 @@ def test_ask_exact_then_explain_exact():
     out = " ".join(r.stdout.split())
     assert "Exact eq. 7" in out and "Spearman of the proxy formula vs exact" in out
     assert "What each step depends on most" in out
+    # the attention rows as ask aggregated them: the trace's own (shipped, trained) heads
+    assert "attention: trained sidecar for smollm2-135m" in out
     for d in a["decisions"]:  # significance recorded by ask --exact = explain's exact value
         assert f"{d['significance']:.2f} " in out
     if a["decisions"]:

@@ -199,3 +199,15 @@ def test_heads_show_without_sidecar_for_a_model(run_sage, tmp_path, smollm2_path
     shutil.copy(smollm2_path, model)
     r = run_sage("heads", "show", "--model", str(model))
     assert r.returncode == 2 and "no heads sidecar" in r.stderr
+
+
+def test_youden_threshold():
+    from model.heads_train import youden_threshold
+
+    y = np.array([0, 0, 1, 1, 1, 1], bool)
+    # most labels positive: F1 would take the lowest score; balanced accuracy separates
+    assert youden_threshold(np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.9]), y) == pytest.approx(0.6)
+    # overlapping classes: TPR - FPR is 2/4 - 0 at 0.7 and 4/4 - 1/2 at 0.2; a tie goes higher
+    assert youden_threshold(np.array([0.1, 0.5, 0.3, 0.2, 0.7, 0.9]), y) == pytest.approx(0.7)
+    assert youden_threshold(np.array([0.3, 0.4]), np.array([1, 1], bool)) == 0.5
+    assert youden_threshold(np.array([0.01, 0.02, 0.03]), np.array([0, 1, 1], bool)) == pytest.approx(0.05)
