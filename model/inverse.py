@@ -375,13 +375,13 @@ def _q(text: str) -> str:
 def explain(trace: Trace, decisions: list[Decision], consistency: float | None, conf: float | None,
             trained: bool = False) -> Explanation:
     """The four parts of the paper's explanation, each sentence from a measured fact.
-    trained: the decisions were scored by trained SAGE heads (d.score is their probability)."""
+    trained: the decisions were scored by trained SAGE heads (d.score is their output: a decision score from a class-balanced fit, for ranking, not a calibrated probability)."""
     just, alts, confs, deps = [], [], [], []
     for d in decisions:
         dep = ", ".join(str(i + 1) for i in d.dependents)
         sig = (f"normalized significance {d.significance:.2f} for step(s) {dep}" if dep
                else f"normalized significance {d.significance:.2f} (its largest for any later step)")
-        head = f"; the trained heads rate it a decision point with p={d.score:.2f}" if trained else ""
+        head = f"; the trained heads give it a decision score of {d.score:.2f}" if trained else ""
         just.append(
             f"Decision {d.rank} (step {d.step + 1}): the model wrote {_q(d.text)} with p={d.prob:.2f}; {sig}{head}."
         )

@@ -296,3 +296,6 @@ def test_threshold_applies_to_the_heads_in_use():
     analytic = json.loads(run(*common, "--heads", "none", "--threshold", "0.5").stdout)["analysis"]
     assert analytic["threshold"] == pytest.approx(0.5)
     assert analytic["decisions"] and all(d["significance"] >= 0.5 for d in analytic["decisions"])
+    # the explanation says which heads scored a decision
+    assert own["decisions"] and "the trained heads give it a decision score of" in own["explanation"]["justification"][0]
+    assert not any("decision score" in j for j in analytic["explanation"]["justification"])
