@@ -35,7 +35,7 @@ CONSISTENCY_TARGET = 0.8
 @dataclass
 class AnalysisConfig:
     threshold: float = 0.3  # the paper's decision threshold on normalized significance
-    # trained heads: the least decision probability of a candidate token (None: the
+    # trained heads: the least decision score of a candidate token (None: the
     # sidecar's own, chosen when it was trained); analytic heads use `threshold`
     score_threshold: float | None = None
     max_decisions: int = 3
@@ -375,7 +375,8 @@ def _q(text: str) -> str:
 def explain(trace: Trace, decisions: list[Decision], consistency: float | None, conf: float | None,
             trained: bool = False) -> Explanation:
     """The four parts of the paper's explanation, each sentence from a measured fact.
-    trained: the decisions were scored by trained SAGE heads (d.score is their output: a decision score from a class-balanced fit, for ranking, not a calibrated probability)."""
+    trained: the decisions were scored by trained SAGE heads (d.score is their decision
+    score: from a class-balanced fit, it ranks tokens; it is not a calibrated probability)."""
     just, alts, confs, deps = [], [], [], []
     for d in decisions:
         dep = ", ".join(str(i + 1) for i in d.dependents)

@@ -131,7 +131,7 @@ class Analysis:
     tracked_layers: list[int]
     tracker: str  # "native" | "python"
     proxy: str  # how the gradient factor of eq. 7 was estimated
-    threshold: float  # candidates' least normalized significance (analytic heads) or decision probability (trained)
+    threshold: float  # candidates' least normalized significance (analytic heads) or decision score (trained)
     max_decisions: int
     alternatives: int  # rollouts per decision point
     candidates: int  # tokens at or above the threshold before merging

@@ -32,7 +32,7 @@ def ask(
         typer.Option(
             "--threshold",
             help="Decision threshold: on normalized significance with analytic heads (default 0.3, the "
-            "paper's), on the decision probability with trained heads (default: the sidecar's own).",
+            "paper's), on the decision score with trained heads (default: the sidecar's own).",
         ),
     ] = None,
     max_decisions: Annotated[int, typer.Option("--max-decisions", help="Most decision points to keep.")] = 3,

@@ -56,10 +56,9 @@ def trace_heads(trace: Trace, model_path: Path):
     if not recorded or "sidecar" not in recorded:
         return None
     from model.heads import SageHeads, find_heads
-    from sage_cli.presets import PRESETS
+    from sage_cli.presets import Resolved
 
-    preset = trace.model.name if trace.model.name in PRESETS else None
-    where = find_heads(model_path, preset, sage_home() / "heads")
+    where = find_heads(model_path, Resolved(model_path, trace.model.name).preset, sage_home() / "heads")
     if where is None:
         return None
     try:

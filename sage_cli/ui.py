@@ -201,6 +201,14 @@ class AskView:
 
     @staticmethod
     def explanation_panel(analysis) -> Panel:
+        def rows(pairs) -> Table:  # a narrow label column, then the wrapped text
+            t = Table.grid(padding=(0, 1))
+            t.add_column(no_wrap=True)
+            t.add_column(ratio=1)
+            for label, text in pairs:
+                t.add_row(label, text)
+            return t
+
         e = analysis.explanation
         parts = []
         for title, lines in (
@@ -210,20 +218,9 @@ class AskView:
             ("Critical dependencies", e.dependencies),
         ):
             if lines:
-                parts.append(Text(title, style="section"))
-                bullets = Table.grid(padding=(0, 1))
-                bullets.add_column(no_wrap=True)
-                bullets.add_column(ratio=1)
-                for line in lines:
-                    bullets.add_row(" •", Text(line))
-                parts.append(bullets)
+                parts += [Text(title, style="section"), rows((" •", Text(line)) for line in lines)]
         if analysis.notes:
-            notes = Table.grid(padding=(0, 1))
-            notes.add_column(no_wrap=True)
-            notes.add_column(ratio=1)
-            for note in analysis.notes:
-                notes.add_row(Text("refined", style="warn"), Text(note, style="warn"))
-            parts.append(notes)
+            parts.append(rows((Text("refined", style="warn"), Text(n, style="warn")) for n in analysis.notes))
         grid = Group(*parts)
         return Panel(grid, title="Explanation", title_align="left", border_style="cyan")
 

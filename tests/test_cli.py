@@ -278,7 +278,7 @@ def test_ask_exact_then_explain_exact():
 
 
 def test_threshold_applies_to_the_heads_in_use():
-    """--threshold is on the trained heads' decision probability with trained heads (the
+    """--threshold is on the trained heads' decision score with trained heads (the
     shipped ones), on normalized significance with analytic heads; the trace records it."""
     from model.heads import SageHeads, find_heads
     from sage_cli.presets import resolve_model
