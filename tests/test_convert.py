@@ -24,6 +24,7 @@ from convert.roundtrip import export_hf, read_vocab, write_tokenizer
 from convert.verify import PROBE_TEXTS, THRESHOLDS, llama_logits, reference_logits
 from model.arch import get_arch, load_hf
 from model.arch.llama import unpermute
+from model.arch.parity import compare_logits
 from model.engine import Engine
 from model.errors import SageError
 from model.heads import SageHeads, fingerprint
@@ -106,7 +107,9 @@ def test_tiny_checkpoint_to_f16_matches_torch(kind, smol_vocab, tmp_path):
     assert files(out) == [f"tiny-{kind}-F16.gguf", f"tiny-{kind}.sage.gguf"]
     assert r.model_path == out / f"tiny-{kind}-F16.gguf" and r.architecture == TINY[kind][0]["architectures"][0]
     v = r.verification
-    assert v.passed and v.top1 == 1.0 and v.kl_mean < 1e-4, v
+    # F16 rounding moves logits by ~1e-3: the same top-1 where the lead is clear (near-ties
+    # flip with the CPU's instruction set; a random tiny model has few clear leads), KL ~ 0
+    assert v.passed and v.n_clear > 0 and v.top1_clear == 1.0 and v.kl_mean < 1e-4, v
     assert v.n_tokens > 200
 
     fields, tensors = read_gguf(r.model_path)
@@ -185,18 +188,23 @@ def test_smollm2_round_trip_generates_the_same_tokens(smollm2_path, smol_reader,
     greedy continuation as the original, the same vocabulary and tensors."""
     src = export_hf(smollm2_path, tmp_path / "SmolLM2-135M-Instruct", torch.float16, reader=smol_reader)
     r = convert(src, tmp_path / "out", "F16")
-    assert r.verification.passed and r.verification.top1 == 1.0
+    v = r.verification
+    assert v.passed and v.n_clear > 150 and v.top1_clear == 1.0 and v.kl_mean < 1e-4, v
 
-    def greedy(path):
-        with Engine(path, n_ctx=512) as eng:
-            prompt, _ = eng.build_prompt("Explain why the sky is blue.")
-            return [t.id for t in eng.generate(eng.tokenize(prompt), 32)]
-
-    # F16 weights and the original's Q4_1 (whose matmuls round activations to 8 bits) are
-    # not the same computation: a prompt whose greedy path has a near tie (e.g. a 0.06
-    # logit margin on the first token of the eggs problem) can part ways; this one has none
-    tokens = greedy(r.model_path)
-    assert len(tokens) == 32 and tokens == greedy(smollm2_path)
+    # F16 weights and the original's Q4_1 (whose matmuls round activations to 8 bits) are not
+    # the same computation, and a greedy path parts ways at any near tie, which one CPU has
+    # and another has not. So the original's own greedy chain is teacher-forced through both:
+    # the same next token wherever the original leads clearly, and a small KL everywhere
+    with Engine(smollm2_path, n_ctx=512) as eng:
+        prompt, _ = eng.build_prompt("Explain why the sky is blue.")
+        tokens = eng.tokenize(prompt)
+        tokens += [t.id for t in eng.generate(tokens, 48)]
+        original = llama_logits(eng, tokens)
+    with Engine(r.model_path, n_ctx=512) as eng:
+        converted = llama_logits(eng, tokens)
+    a = compare_logits(original, converted)
+    print(f"round trip F16 vs the original Q4_1: {a}")
+    assert a.n_clear > a.n // 2 and a.top1_clear >= 0.98 and a.kl_mean < 0.02, a
 
     orig = smol_reader
     new = gguf.GGUFReader(r.model_path)

@@ -89,6 +89,8 @@ def test_reason_is_deterministic_and_valid(engine, tmp_path):
         assert a.text[s.char_start : s.char_end] == s.text
         assert 0 <= s.token_start < s.token_end <= len(a.tokens)
         assert 0 < s.confidence <= 1
+    # stable on any CPU: the chain restates the problem's numbers, and without an answer cue
+    # the extractor takes the last number, so some number is found whatever the greedy text
     assert a.answer is not None and a.answer.kind == "number" and a.answer.value is not None
     saved = save_trace(a, tmp_path)
     back = load_trace(saved)
@@ -106,6 +108,8 @@ def test_sampling_is_seeded(engine):
 
 
 def test_finish_reasons(smollm2_path):
+    # the greedy texts here are far from any near tie that matters: counting runs on with
+    # near-certain tokens past 256, and "Say hi." is answered and ended within a few tokens
     with Engine(smollm2_path, n_ctx=256) as eng:
         prompt, _ = eng.build_prompt("Count from 1 to 300, one number per line.")
         toks = eng.tokenize(prompt)

@@ -67,6 +67,9 @@ def test_tracking_does_not_change_generation(smollm2_path, engine):
 def test_analysis_has_decisions_rollouts_explanation(analyzed):
     a = analyzed.analysis
     assert a is not None and a.tracker == "native"
+    # robust to the greedy text: significance is normalized per step to a maximum of 1, and
+    # over a 120-token chain of several steps some chain tokens reach 0.3 of a later step's
+    # maximum; rounding that moves a near tie cannot take them all below
     assert a.decisions, "a fixed problem yields decision points"
     assert len(a.decisions) <= CFG.max_decisions
     assert [d.rank for d in a.decisions] == list(range(1, len(a.decisions) + 1))
