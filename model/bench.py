@@ -7,8 +7,10 @@ Configurations, on the same model, problems and greedy settings:
   3 analysis   + inverse analysis without rollouts
   4 rollouts   + rollouts of the alternatives at each decision point
 Per repetition the configurations run interleaved (problem by problem) so machine noise
-hits them alike; a warm-up pass is excluded. With `mem`, each (configuration,
-repetition) runs in its own subprocess so its peak RSS is its own.
+hits them alike; a warm-up pass (one problem, at most WARMUP_TOKENS tokens) is excluded.
+With `mem`, each (configuration, repetition) runs in its own subprocess so its peak RSS is
+its own; the subprocess reports every problem it starts and finishes to the parent (JSON
+lines on its stdout), so progress shows per problem in both modes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +34,9 @@ from model.steps import normalize_number
 
 CONFIGS = ("llama", "forward", "track", "analysis", "rollouts")
 PAPER = {"time_overhead": 0.14, "memory_overhead": 0.10}
+# the warm-up problem's token cap: enough to fault the weights in and build every graph
+# (for (4) its chain still has decision points to roll out), not a whole excluded problem
+WARMUP_TOKENS = 32
 
 
 @dataclass
@@ -181,8 +187,42 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
+    """Peak resident set size of this process in bytes. On Linux VmHWM (/proc/self/status):
+    getrusage's ru_maxrss keeps, across exec, the high-water mark of the memory the
+    process had before it (for a subprocess spawned by vfork, the parent's), so a
+    --mem worker would report at least its parent's peak; VmHWM is its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
+
+
+@dataclass
+class Step:
+    """What the bench is doing now, for a progress display. `rep` counts from 1 (0: the
+    warm-up before the repetitions), `problem` from 1 (0: the warm-up problem); phase
+    "load" is loading the model (config "": all configurations' models, in this
+    process). Every step is reported when it starts (done False) and, except "load",
+    when it is finished (done True): total_steps() of those."""
+
+    config: str
+    rep: int
+    reps: int
+    problem: int
+    n: int
+    phase: str  # "load" | "warmup" | "problem"
+    done: bool = False
+
+
+def total_steps(n: int, reps: int, mem: bool, configs: tuple[str, ...] = CONFIGS) -> int:
+    """How many finished steps run_bench reports: every problem of every configuration and
+    repetition, and the warm-ups (one per configuration; with mem, one per process)."""
+    return len(configs) * (reps * (n + 1) if mem else 1 + reps * n)
 
 
 @dataclass
@@ -256,13 +296,19 @@ class Runner:
         if self.llm is not None:
             self.llm.close()
 
-    def run(self, config: str, problems: list[Problem], on_problem: Callable[[], None] | None = None) -> Run:
+    def run(self, config: str, problems: list[Problem], on_problem: Callable[[int, bool], None] | None = None,
+            max_tokens: int | None = None) -> Run:
+        """on_problem(index, done) when a problem starts and when it is finished;
+        max_tokens: a cap below the settings' (the warm-up)."""
         from model.inverse import AnalysisConfig
         from model.reason import ReasonRun
 
         s = self.s
+        max_tokens = min(max_tokens or s.max_tokens, s.max_tokens)
         out = Run(config)
-        for p in problems:
+        for i, p in enumerate(problems):
+            if on_problem:
+                on_problem(i, False)
             if config == "llama":
                 from model.engine import format_prompt
 
@@ -271,7 +317,7 @@ class Runner:
                 toks = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
                 t0 = time.perf_counter()
                 t_first, n, text = None, 0, ""
-                for chunk in self.llm.create_completion(toks, max_tokens=s.max_tokens, temperature=0.0, stream=True):
+                for chunk in self.llm.create_completion(toks, max_tokens=max_tokens, temperature=0.0, stream=True):
                     n += 1
                     text += chunk["choices"][0]["text"]
                     if t_first is None:
@@ -290,7 +336,7 @@ class Runner:
                 cfg = AnalysisConfig(threshold=s.threshold, max_decisions=s.max_decisions,
                                      alternatives=s.alternatives if config == "rollouts" else 0)
                 t0 = time.perf_counter()
-                run = ReasonRun(eng, p.text, max_tokens=s.max_tokens, analysis=cfg)
+                run = ReasonRun(eng, p.text, max_tokens=max_tokens, analysis=cfg)
                 for _ in run:
                     pass
                 if config in ("analysis", "rollouts"):
@@ -312,7 +358,7 @@ class Runner:
                 if config == "rollouts":
                     out.votes.append(branch_vote(tr))
             if on_problem:
-                on_problem()
+                on_problem(i, True)
         return out
 
 
@@ -342,30 +388,71 @@ def branch_vote(trace) -> str | None:
 
 def worker_main() -> None:
     """python -m model.bench: run one configuration on the problems given as JSON on
-    stdin; print the Run (with memory facts) as JSON."""
+    stdin. Writes JSON lines on stdout: {"event": "start"|"done", "problem": k} for
+    every problem (k from 1; 0: the warm-up), then {"event": "run", "run": Run with its
+    memory facts}."""
+    events = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever else writes to stdout (C code included) goes to stderr
+
+    def emit(**kv) -> None:
+        events.write(json.dumps(kv) + "\n")
+        events.flush()
+
     job = json.loads(sys.stdin.read())
     s = BenchSettings(**job["settings"])
     problems = [Problem(**p) for p in job["problems"]]
     config = job["config"]
     runner = Runner(s, (config,))
     if job.get("warmup"):
-        runner.run(config, problems[:1])
-    out = runner.run(config, problems)
+        runner.run(config, problems[:1], max_tokens=WARMUP_TOKENS,
+                   on_problem=lambda i, done: emit(event="done" if done else "start", problem=0))
+    out = runner.run(config, problems,
+                     on_problem=lambda i, done: emit(event="done" if done else "start", problem=i + 1))
     out.mem = {**runner.mem, "peak_rss": peak_rss()}
     runner.close()
-    print(json.dumps(asdict(out)))
+    emit(event="run", run=asdict(out))
+    events.close()
 
 
-def run_in_subprocess(config: str, s: BenchSettings, problems: list[Problem], warmup: bool) -> Run:
+def run_in_subprocess(config: str, s: BenchSettings, problems: list[Problem], warmup: bool,
+                      on_event: Callable[[int, bool], None] | None = None) -> Run:
+    """Run one configuration in a fresh process (python -m model.bench); on_event(problem,
+    done) as the worker reports it (problem from 1; 0: the warm-up)."""
     job = {"settings": asdict(s), "problems": [asdict(p) for p in problems], "config": config, "warmup": warmup}
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "model.bench"], input=json.dumps(job), capture_output=True,
-                          text=True, env=env)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SageError(f"bench worker for {config} failed: {last}")
-    return Run(**json.loads(proc.stdout))
+    result = None
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "model.bench"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=env)
+        try:
+            try:
+                proc.stdin.write(json.dumps(job))  # the worker reads all of it before it writes
+                proc.stdin.close()
+            except BrokenPipeError:  # it died first; its stderr says why
+                pass
+            for line in proc.stdout:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(ev, dict):
+                    continue
+                if ev.get("event") == "run":
+                    result = ev.get("run")
+                elif ev.get("event") in ("start", "done") and on_event:
+                    on_event(int(ev.get("problem", 0)), ev["event"] == "done")
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted here: the worker must not run on
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        if rc != 0 or result is None:
+            err.seek(0)
+            last = ([ln for ln in err.read().strip().splitlines() if ln.strip()] or ["no output"])[-1]
+            raise SageError(f"bench worker for {config} failed: {last}")
+    return Run(**result)
 
 
 # --- the whole bench ---------------------------------------------------------------------------
@@ -415,27 +502,41 @@ def run_bench(
     reps: int = 2,
     mem: bool = False,
     configs: tuple[str, ...] = CONFIGS,
-    on_step: Callable[[str], None] | None = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> dict[str, list[Run]]:
-    """Run every configuration `reps` times, interleaved; returns the raw runs."""
+    """Run every configuration `reps` times, interleaved; returns the raw runs. on_step
+    gets every Step as it starts and as it is finished."""
     if reps < 1:
         raise SageError("--reps must be at least 1")
+    n = len(problems)
+
+    def step(config: str, rep: int, problem: int, phase: str, done: bool = False) -> None:
+        if on_step:
+            on_step(Step(config, rep, reps, problem, n, phase, done))
+
     runs: dict[str, list[Run]] = {c: [] for c in configs}
     if mem:
-        for rep in range(reps):
+        for rep in range(1, reps + 1):
             for c in configs:
-                runs[c].append(run_in_subprocess(c, s, problems, warmup=True))
-                if on_step:
-                    on_step(c)
+                step(c, rep, 0, "load")
+
+                def on_event(problem: int, done: bool, c=c, rep=rep) -> None:
+                    step(c, rep, problem, "warmup" if problem == 0 else "problem", done)
+
+                runs[c].append(run_in_subprocess(c, s, problems, warmup=True, on_event=on_event))
         return runs
+    step("", 0, 0, "load")
     runner = Runner(s, configs)
     try:
         for c in configs:  # warm-up, excluded
-            runner.run(c, problems[:1])
-        for rep in range(reps):
+            step(c, 0, 0, "warmup")
+            runner.run(c, problems[:1], max_tokens=WARMUP_TOKENS)
+            step(c, 0, 0, "warmup", True)
+        for rep in range(1, reps + 1):
             parts = {c: Run(c) for c in configs}
-            for p in problems:  # interleaved problem by problem
+            for i, p in enumerate(problems, 1):  # interleaved problem by problem
                 for c in configs:
+                    step(c, rep, i, "problem")
                     r = runner.run(c, [p])
                     acc = parts[c]
                     acc.tokens += r.tokens
@@ -445,8 +546,7 @@ def run_bench(
                     acc.answers += r.answers
                     acc.votes += r.votes
                     acc.spent += r.spent
-                    if on_step:
-                        on_step(c)
+                    step(c, rep, i, "problem", True)
             for c in configs:
                 runs[c].append(parts[c])
     finally:

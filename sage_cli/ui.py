@@ -260,20 +260,38 @@ class BenchView:
     def __init__(self, out: Console = console) -> None:
         self.out = out
 
-    def progress(self, total: int, description: str):
-        """Context manager yielding a step(config) callback."""
+    def describe(self, step) -> str:
+        """What a model.bench.Step says is running, e.g. "(4) + rollouts · rep 2/2 · problem 3/5"."""
+        if step.phase == "load" and not step.config:
+            return "loading the models"
+        parts = [self.LABELS.get(step.config, step.config)]
+        if step.rep:
+            parts.append(f"rep {step.rep}/{step.reps}")
+        phase = {"load": "loading the model", "warmup": "warm-up"}
+        parts.append(phase.get(step.phase, f"problem {step.problem}/{step.n}"))
+        return " · ".join(parts)
+
+    def progress(self, total: int, header: str):
+        """Context manager yielding a step(model.bench.Step) callback: the bar says which
+        configuration, repetition and problem runs, under a line with `header`, and
+        advances when a step is finished."""
         from contextlib import contextmanager
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        class _Progress(Progress):
+            def get_renderables(self):
+                yield Text(header, style="dim")
+                yield self.make_tasks_table(self.tasks)
+
         @contextmanager
         def cm():
-            with Progress(
+            with _Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 console=self.out, transient=True, disable=not self.out.is_terminal,
             ) as prog:
-                task = prog.add_task(description, total=total)
-                yield lambda config: prog.update(task, advance=1, description=f"{description} · {config}")
+                task = prog.add_task("starting", total=total)
+                yield lambda step: prog.update(task, advance=1 if step.done else 0, description=self.describe(step))
 
         return cm()
 

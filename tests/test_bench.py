@@ -136,3 +136,67 @@ def test_bench_bad_input(args, needle):
     assert r.exit_code == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0]
+
+
+def test_progress_labels_and_steps():
+    from model.bench import Step, total_steps
+    from sage_cli.ui import BenchView
+
+    v = BenchView()
+    assert v.describe(Step("rollouts", 2, 2, 3, 5, "problem")) == "(4) + rollouts · rep 2/2 · problem 3/5"
+    assert v.describe(Step("track", 1, 2, 0, 5, "warmup")) == "(2) + tracking · rep 1/2 · warm-up"
+    assert v.describe(Step("llama", 0, 2, 0, 5, "warmup")) == "(0) llama-cpp-python · warm-up"
+    assert v.describe(Step("forward", 1, 3, 0, 5, "load")) == "(1) sage forward · rep 1/3 · loading the model"
+    assert v.describe(Step("", 0, 2, 0, 5, "load")) == "loading the models"
+    assert total_steps(5, 2, mem=True) == 5 * 2 * 6 and total_steps(5, 2, mem=False) == 5 + 5 * 2 * 5
+
+
+def _record(mem, configs, n, reps, smollm2_path):
+    import time
+
+    from model.bench import BenchSettings, run_bench
+
+    steps = []
+    s = BenchSettings(model_path=str(smollm2_path), max_tokens=8, threads=1)
+    runs = run_bench(s, arithmetic_problems(n), reps=reps, mem=mem, configs=configs,
+                     on_step=lambda st: steps.append((time.perf_counter(), st)))
+    return runs, steps
+
+
+@pytest.mark.slow
+def test_mem_progress_per_problem(smollm2_path):
+    """--mem: every worker process reports each problem as it starts and finishes, with
+    its configuration and repetition, while it runs (not all at its end)."""
+    from model.bench import total_steps
+
+    configs, n, reps = ("forward", "rollouts"), 2, 2
+    big = bytearray(512 * 2**20)  # this process's peak, which a worker must not inherit
+    big[::4096] = b"\1" * len(big[::4096])
+    del big
+    runs, steps = _record(True, configs, n, reps, smollm2_path)
+    done = [st for _, st in steps if st.done]
+    order = [(c, rep, k) for rep in range(1, reps + 1) for c in configs for k in range(n + 1)]  # k 0: warm-up
+    assert [(st.config, st.rep, st.problem) for st in done] == order
+    assert len(done) == total_steps(n, reps, True, configs)
+    assert all(st.reps == reps and st.n == n for st in done)
+    assert all(st.phase == ("warmup" if st.problem == 0 else "problem") for st in done)
+    started = [(st.config, st.rep, st.problem) for _, st in steps if not st.done and st.phase != "load"]
+    assert started == order  # each announced before it finishes
+    assert [(st.config, st.rep) for _, st in steps if st.phase == "load"] == [(c, r) for r in (1, 2) for c in configs]
+    # live: a worker's problems finish at different times, not in one burst when it exits
+    t = {(st.config, st.rep, st.problem): at for at, st in steps if st.done}
+    assert all(t[(c, r, 2)] - t[(c, r, 1)] > 0.005 for c in configs for r in (1, 2))
+    for c in configs:
+        assert len(runs[c]) == reps and all(len(r.answers) == n for r in runs[c])
+        assert all(0 < r.mem["peak_rss"] < 480 * 2**20 for r in runs[c]), c  # its own peak, not this process's
+
+
+def test_progress_per_problem_in_process(smollm2_path):
+    from model.bench import total_steps
+
+    configs = ("forward", "track")
+    _, steps = _record(False, configs, 2, 1, smollm2_path)
+    assert steps[0][1].phase == "load" and steps[0][1].config == ""
+    done = [(st.config, st.rep, st.problem) for _, st in steps if st.done]
+    assert done == [(c, 0, 0) for c in configs] + [(c, 1, k) for k in (1, 2) for c in configs]
+    assert len(done) == total_steps(2, 1, False, configs)
