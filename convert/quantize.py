@@ -15,8 +15,8 @@ from pathlib import Path
 
 import gguf
 
-from convert.base import TensorCallback
-from model.errors import SageError
+from sage.convert.base import TensorCallback
+from sage.errors import SageError
 
 # --qtype -> llama.cpp file type (F16 is written directly, never quantized)
 FTYPES = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gguf
 
-from convert.base import Converter, register
+from sage.convert.base import Converter, register
 
 
 @register("Qwen2ForCausalLM")

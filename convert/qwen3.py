@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import gguf
 
-from convert.base import register
-from convert.qwen2 import Qwen2Converter
+from sage.convert.base import register
+from sage.convert.qwen2 import Qwen2Converter
 
 
 @register("Qwen3ForCausalLM")

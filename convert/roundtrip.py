@@ -2,7 +2,7 @@
 files llama.cpp's own tools made (tests/test_convert.py, scripts/bench_convert.py).
 
 Weights are dequantized by gguf-py and un-permuted by the torch reference's GGUF loader
-(model.arch.load_gguf); tokenizer.json, tokenizer_config.json (with the chat template) and
+(sage.reference.arch.load_gguf); tokenizer.json, tokenizer_config.json (with the chat template) and
 config.json are rebuilt from the GGUF metadata.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import torch
 
-from model.errors import SageError
+from sage.errors import SageError
 
 # tokenizer.json pre-tokenizers of the tokenizers behind llama.cpp's pre-tokenizer names
 _LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -116,7 +116,7 @@ def export_hf(path: Path, out: Path, dtype: torch.dtype = torch.float32, reader:
     """Write the GGUF at `path` as a Hugging Face checkpoint directory `out`."""
     from safetensors.torch import save_file
 
-    from model.arch import load_gguf
+    from sage.reference.arch import load_gguf
 
     reader = reader or gguf.GGUFReader(path)
     model = load_gguf(path, dtype=dtype)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.errors import SageError
-from model.heads import SUFFIX, SageHeads, fingerprint
+from sage.errors import SageError
+from sage.heads import SUFFIX, SageHeads, fingerprint
 
 
 def make_heads(src: Path, name: str, engine, path: Path) -> str:
@@ -23,7 +23,7 @@ def make_heads(src: Path, name: str, engine, path: Path) -> str:
     if len(shipped) > 1:
         raise SageError(f"{src}: several SAGE heads files ({', '.join(p.name for p in shipped)}); keep one")
     if not shipped:
-        from kernels.tracker import default_layers
+        from sage.kernels.tracker import default_layers
 
         full = engine.full_attention_layers()
         layers = [full[i] for i in default_layers(len(full))]

@@ -3,7 +3,7 @@ against the torch reference on the source weights, teacher-forced over fixed tex
 
 The reference runs layer by layer, each layer's weights read from the safetensors files
 just before it runs and dropped after, so verifying a 32B checkpoint needs one layer in
-float32, not the whole model (model.arch.load_hf would hold all of it).
+float32, not the whole model (sage.reference.arch.load_hf would hold all of it).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from model.arch.llama import LlamaModel, causal_mask
-from model.arch.parity import compare_logits
-from model.errors import SageError
+from sage.reference.arch.llama import LlamaModel, causal_mask
+from sage.reference.arch.parity import compare_logits
+from sage.errors import SageError
 
 # the probes, each teacher-forced from its first token (58 + 95 + 46 + 59 = 258 positions
 # with SmolLM2's tokenizer): plain prose, step-by-step arithmetic, an explanation, code.
@@ -52,7 +52,7 @@ class Verification:
     kl_max: float
     threshold: float  # top-1 needed
     # top-1 over the positions where the torch reference leads by a clear margin: near-ties
-    # flip with the CPU's instruction set (model.arch.parity), these do not
+    # flip with the CPU's instruction set (sage.reference.arch.parity), these do not
     n_clear: int = 0
     top1_clear: float = float("nan")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gguf
 
-from model.errors import SageError
+from sage.errors import SageError
 
 
 def read_tokenizer(path: Path) -> dict:

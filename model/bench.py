@@ -16,9 +16,7 @@ lines on its stdout), so progress shows per problem in both modes.
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import resource
 import statistics
 import subprocess
@@ -29,21 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from model.errors import SageError
-from model.steps import normalize_number
+from sage.errors import SageError
+from sage.problems import Problem, score
+
 
 CONFIGS = ("llama", "forward", "track", "analysis", "rollouts")
 PAPER = {"time_overhead": 0.14, "memory_overhead": 0.10}
 # the warm-up problem's token cap: enough to fault the weights in and build every graph
 # (for (4) its chain still has decision points to roll out), not a whole excluded problem
 WARMUP_TOKENS = 32
-
-
-@dataclass
-class Problem:
-    text: str  # what the model is asked (AQuA: question + options)
-    gold: str  # normalized answer: a number or an option letter
-    kind: str  # "number" | "option"
 
 
 @dataclass
@@ -58,136 +50,19 @@ class BenchSettings:
     heads: str | None = None  # SAGE heads sidecar for configurations 2-4 (None: the analytic heads)
 
 
-# --- problem sets ----------------------------------------------------------------------
-
-
-def default_data_dir() -> Path | None:
-    """../shared/data beside the checkout (or $SAGE_DATA)."""
-    env = os.environ.get("SAGE_DATA")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parents[1]
-    for cand in (here.parent / "shared" / "data", here / "shared" / "data"):
-        if cand.is_dir():
-            return cand
-    return None
-
-
-def _gsm8k(obj: dict) -> Problem:
-    gold = normalize_number(obj["answer"].rsplit("####", 1)[-1])
-    if gold is None:
-        raise ValueError("no '#### N' answer")
-    return Problem(obj["question"].strip(), gold, "number")
-
-
-def _aqua(obj: dict) -> Problem:
-    opts = " ".join(o.strip() for o in obj["options"])
-    return Problem(f"{obj['question'].strip()}\nOptions: {opts}", obj["correct"].strip().upper(), "option")
-
-
-def load_problems(path: Path) -> list[Problem]:
-    """GSM8K (question, answer '#### N') or AQuA (question, options, correct) JSONL."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise SageError(f"cannot read problems file {path}: {e.strerror or e}") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            if "options" in obj and "correct" in obj:
-                out.append(_aqua(obj))
-            elif "answer" in obj:
-                out.append(_gsm8k(obj))
-            else:
-                raise ValueError("neither GSM8K (question, answer) nor AQuA (question, options, correct)")
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SageError(f"{path}:{n}: not a GSM8K or AQuA problem ({e})") from None
-    if not out:
-        raise SageError(f"{path} holds no problems")
-    return out
-
-
-def arithmetic_problems(n: int, seed: int = 0) -> list[Problem]:
-    """Simple one- or two-operation word problems with known answers, seeded."""
-    rng = random.Random(seed)
-    things = ["apples", "pens", "books", "stickers", "coins", "marbles", "cookies", "cards"]
-    names = ["Tom", "Sara", "Ali", "Mia", "Ben", "Lena", "Omar", "Eva"]
-    out = []
-    for _ in range(n):
-        who, what = rng.choice(names), rng.choice(things)
-        a, b = rng.randint(2, 40), rng.randint(2, 20)
-        op = rng.choice(["add", "sub", "mul"])
-        if op == "add":
-            text, gold = f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have now?", a + b
-        elif op == "sub":
-            a = a + b
-            text, gold = f"{who} has {a} {what} and gives away {b}. How many {what} are left?", a - b
-        else:
-            a = rng.randint(2, 12)
-            text, gold = f"{who} buys {a} bags with {b} {what} in each bag. How many {what} is that?", a * b
-        out.append(Problem(text, str(gold), "number"))
-    return out
-
-
-def problem_set(spec: str | None, n: int, seed: int = 0) -> tuple[str, list[Problem]]:
-    """(label, problems): a JSONL path, or 'gsm8k' / 'aqua' (a fixed seeded sample of
-    ../shared/data), or 'arithmetic' (generated)."""
-    spec = spec or "gsm8k"
-    if n < 1:
-        raise SageError("--n must be at least 1")
-    if spec == "arithmetic":
-        return f"arithmetic (seed {seed})", arithmetic_problems(n, seed)
-    if spec in ("gsm8k", "aqua"):
-        data = default_data_dir()
-        name = "gsm8k_train.jsonl" if spec == "gsm8k" else "aqua_dev.jsonl"
-        if data is None or not (data / name).is_file():
-            raise SageError(f"the {spec} sample needs shared/data/{name} beside the checkout (or $SAGE_DATA); "
-                            "or pass --problems FILE")
-        probs = load_problems(data / name)
-        idx = sorted(random.Random(seed).sample(range(len(probs)), min(n, len(probs))))
-        return f"{spec} sample of {len(idx)} (seed {seed})", [probs[i] for i in idx]
-    path = Path(spec)
-    if not path.exists():
-        raise SageError(f"no problems file {spec} (or use gsm8k, aqua, arithmetic)")
-    probs = load_problems(path)
-    return f"{path.name} ({min(n, len(probs))} of {len(probs)})", probs[:n]
-
-
-def score(answer: str | None, p: Problem) -> bool:
-    if answer is None:
-        return False
-    if p.kind == "option":
-        return answer.upper() == p.gold
-    try:
-        return math.isclose(_as_float(answer), _as_float(p.gold), rel_tol=1e-6, abs_tol=1e-9)
-    except (ValueError, ZeroDivisionError):
-        return answer == p.gold
-
-
-def _as_float(s: str) -> float:
-    if "/" in s:
-        a, b = s.split("/", 1)
-        return float(a) / float(b)
-    return float(s)
-
-
 # --- measuring ---------------------------------------------------------------------------
 
 
 def rss_now() -> int:
-    """Current resident set size in bytes (Linux /proc; elsewhere the peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return peak_rss()
+    """Current resident set size in bytes (psutil: Linux, macOS, Windows)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process in bytes. On Linux VmHWM (/proc/self/status):
+    """Peak resident set size of this process in bytes (psutil has no portable peak). On
+    Linux VmHWM (/proc/self/status):
     getrusage's ru_maxrss keeps, across exec, the high-water mark of the memory the
     process had before it (for a subprocess spawned by vfork, the parent's), so a
     --mem worker would report at least its parent's peak; VmHWM is its own."""
@@ -244,7 +119,7 @@ class Runner:
     """Holds the loaded models of one process and runs configurations on problems."""
 
     def __init__(self, s: BenchSettings, configs: tuple[str, ...]) -> None:
-        from model.engine import Engine
+        from sage.engine import Engine
 
         self.s = s
         self.mem: dict[str, int] = {"rss_start": rss_now()}
@@ -255,7 +130,7 @@ class Runner:
         if "llama" in configs:
             from llama_cpp import Llama
 
-            from model.engine import default_threads
+            from sage.engine import default_threads
 
             self.llm = Llama(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads or default_threads(),
                              n_threads_batch=s.threads or default_threads(), verbose=False)
@@ -264,10 +139,13 @@ class Runner:
             self.engines["plain"] = Engine(s.model_path, n_ctx=s.n_ctx, n_threads=s.threads)
             self.mem["rss_model"] = rss_now()
         if need_tracked:
-            n_seq = 1 + s.max_decisions * s.alternatives if "rollouts" in configs else 1
+            from sage.inverse import AnalysisConfig
+
+            cfg = AnalysisConfig(max_decisions=s.max_decisions, alternatives=s.alternatives)
+            n_seq = cfg.n_seq_max() if "rollouts" in configs else 1
             heads = None
             if s.heads:
-                from model.heads import SageHeads
+                from sage.heads import SageHeads
 
                 heads = SageHeads.load(Path(s.heads))
                 self.mem["heads"] = os.path.getsize(s.heads)
@@ -300,8 +178,8 @@ class Runner:
             max_tokens: int | None = None) -> Run:
         """on_problem(index, done) when a problem starts and when it is finished;
         max_tokens: a cap below the settings' (the warm-up)."""
-        from model.inverse import AnalysisConfig
-        from model.reason import ReasonRun
+        from sage.inverse import AnalysisConfig
+        from sage.reason import ReasonRun
 
         s = self.s
         max_tokens = min(max_tokens or s.max_tokens, s.max_tokens)
@@ -310,7 +188,7 @@ class Runner:
             if on_problem:
                 on_problem(i, False)
             if config == "llama":
-                from model.engine import format_prompt
+                from sage.engine import format_prompt
 
                 tmpl = self.llm.metadata.get("tokenizer.chat_template")
                 prompt, _ = format_prompt(tmpl.encode() if tmpl else None, p.text)
@@ -323,7 +201,7 @@ class Runner:
                     if t_first is None:
                         t_first = time.perf_counter()
                 t1 = time.perf_counter()
-                from model.steps import extract_answer
+                from sage.steps import extract_answer
 
                 out.tokens += n
                 out.gen_s += t1 - (t_first or t1)
@@ -387,7 +265,7 @@ def branch_vote(trace) -> str | None:
 
 
 def worker_main() -> None:
-    """python -m model.bench: run one configuration on the problems given as JSON on
+    """python -m sage.bench: run one configuration on the problems given as JSON on
     stdin. Writes JSON lines on stdout: {"event": "start"|"done", "problem": k} for
     every problem (k from 1; 0: the warm-up), then {"event": "run", "run": Run with its
     memory facts}."""
@@ -416,14 +294,14 @@ def worker_main() -> None:
 
 def run_in_subprocess(config: str, s: BenchSettings, problems: list[Problem], warmup: bool,
                       on_event: Callable[[int, bool], None] | None = None) -> Run:
-    """Run one configuration in a fresh process (python -m model.bench); on_event(problem,
+    """Run one configuration in a fresh process (python -m sage.bench); on_event(problem,
     done) as the worker reports it (problem from 1; 0: the warm-up)."""
     job = {"settings": asdict(s), "problems": [asdict(p) for p in problems], "config": config, "warmup": warmup}
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = None
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "model.bench"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "sage.bench"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=err, text=True, env=env)
         try:
             try:

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Iterator
 import llama_cpp
 import numpy as np
 
-from kernels.reference import token_stats
-from model.errors import SageError
-from model.trace import Alternative, ModelInfo, TokenRecord
+from sage.kernels.reference import token_stats
+from sage.sampling import StopMatcher, pick_token
+from sage.errors import SageError
+from sage.trace import Alternative, ModelInfo, TokenRecord
 
 if TYPE_CHECKING:
-    from model.heads import SageHeads
+    from sage.heads import SageHeads
 
 # tokens kept per distribution: the chosen one's top-5 alternatives are always among them
 TOP_K = 6
@@ -146,7 +147,7 @@ class Engine:
         self.tracker = None
         self.heads = heads
         if heads is not None:
-            from model.heads import fingerprint
+            from sage.heads import fingerprint
 
             if heads.fingerprint != fingerprint(self):
                 raise SageError(
@@ -154,7 +155,7 @@ class Engine:
                     "(fingerprint differs); use the sidecar made for this model or --heads none"
                 )
         if track:
-            from kernels.tracker import Tracker, default_layers
+            from sage.kernels.tracker import Tracker, default_layers
 
             full = self.full_attention_layers()
             if heads is not None:
@@ -458,16 +459,11 @@ class Generation:
         rng = np.random.default_rng(self.sampling.seed)
         temp = self.sampling.temperature
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        stops = StopMatcher(self.stop)
         for _ in range(self.max_tokens):
             logits = eng.logits(-1)
             st = token_stats(logits, TOP_K)
-            if temp <= 0:
-                tok = int(st.ids_top[0])  # first index of the max, as llama.cpp's greedy
-            else:
-                z = (logits.astype(np.float64) - float(logits.max())) / temp
-                p = np.exp(z)
-                p /= p.sum()
-                tok = int(rng.choice(eng.n_vocab, p=p))
+            tok = pick_token(logits, st.ids_top[0], temp, rng)
             if eng.is_eog(tok):
                 self.finish_reason = "stop"
                 return
@@ -484,7 +480,7 @@ class Generation:
                     for i, lp in zip(st.ids_top, st.logprobs_top)
                 ],
             )
-            if self.stop and any(s in self.text[-64:] for s in self.stop):
+            if stops and stops.hit(self.text):
                 self.finish_reason = "stop"
                 return
             if pos + 1 >= eng.n_ctx:

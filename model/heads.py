@@ -19,15 +19,14 @@ tensors, so the heads live beside it, as multimodal projectors do.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from model.errors import SageError
+from sage.errors import SageError
+from sage.paths import atomic_file
 
 ARCH = "sage-heads"
 FORMAT_VERSION = 1
@@ -49,7 +48,7 @@ FEATURES = (
 META_FEATURES = ("logit_confidence", "risk", "consistency", "mean_entropy", "decisions", "answer_found")
 
 
-def _logit(p: float) -> float:
+def logit(p: float) -> float:
     p = min(max(p, 1e-6), 1 - 1e-6)
     return float(np.log(p / (1 - p)))
 
@@ -165,9 +164,7 @@ class SageHeads:
         path = Path(path)
         if path.exists() and not force:
             raise SageError(f"{path} exists; pass --force to overwrite it")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             w = gguf.GGUFWriter(tmp, ARCH)
             w.add_name(f"SAGE heads for {self.base_name}")
             w.add_uint32("sage.version", FORMAT_VERSION)
@@ -197,13 +194,6 @@ class SageHeads:
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
             w.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; a sidecar is an ordinary file
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @staticmethod
     def load(path: Path) -> "SageHeads":
@@ -299,3 +289,18 @@ def find_heads(model_path: Path, preset: str | None = None, user_dir: Path | Non
         if shipped.is_file():
             return shipped
     return None
+
+
+def resolve_heads(spec: str | Path | None, model_path: Path, preset: str | None = None) -> Path | None:
+    """The sidecar a command uses: spec "none" -> None (the built-in analytic heads); a
+    path -> that file (it must exist); None -> find_heads beside the model, in the user's
+    heads dir, else the one shipped for the preset (None if there is none)."""
+    from sage.paths import heads_dir
+
+    if spec is not None and str(spec) == "none":
+        return None
+    if spec is not None:
+        if not Path(spec).is_file():
+            raise SageError(f"no heads sidecar at {spec}")
+        return Path(spec)
+    return find_heads(model_path, preset, heads_dir())

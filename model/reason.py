@@ -1,40 +1,37 @@
-"""`sage ask` as a library: reason about a problem and return the trace.
+"""One reasoning run on a loaded engine: the prompt, the generated chain, its steps and
+answer, and (with tracking) the inverse analysis, as a Trace.
 
-`stream_reason` yields each generated TokenRecord as it is produced and returns the
-finished Trace (as the generator's return value); `reason` just collects it. An
-interrupt (Ctrl-C) still yields a Trace, marked "interrupted", through `ReasonRun.trace`.
+`ReasonRun` yields each generated TokenRecord as it is produced; its `trace` is the
+finished Trace (after an interrupt (Ctrl-C), marked "interrupted"). `reason` just
+collects it. `sage.api` builds on these with model resolution and the heads.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-import os
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from model.engine import Engine, Sampling
-from model.errors import SageError
-from model.steps import extract_answer, segment_steps
-from model.trace import Answer, Settings, Step, TokenRecord, Trace
-from model import __version__
+from sage.engine import Engine, Sampling
+from sage.errors import SageError
+from sage.steps import extract_answer, segment_steps
+from sage.trace import Answer, Settings, Step, TokenRecord, Trace
+from sage import __version__
 
 if TYPE_CHECKING:
-    from model.inverse import AnalysisConfig
+    from sage.inverse import AnalysisConfig
 
 
 def process_start_time() -> float | None:
-    """Wall-clock time this process started (Linux /proc), for honest first-token timing."""
+    """Wall-clock time this process started (psutil: Linux, macOS, Windows), for honest
+    first-token timing."""
     try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        start_ticks = int(fields[19])
-        hz = os.sysconf("SC_CLK_TCK")
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - uptime + start_ticks / hz
-    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil cannot read it here (a sandbox without /proc): unknown
         return None
 
 
@@ -138,9 +135,9 @@ class ReasonRun:
         (Engine(track=True)); None = defaults."""
         problem = check_problem(problem)
         if max_tokens < 1:
-            raise SageError("--max-tokens must be at least 1")
+            raise SageError("max_tokens must be at least 1")
         if temperature < 0:
-            raise SageError("--temperature must be >= 0")
+            raise SageError("the temperature must be >= 0")
         self.engine = engine
         self.t_start = t_start if t_start is not None else time.time()
         prompt, self.stops = engine.build_prompt(problem)
@@ -184,17 +181,17 @@ class ReasonRun:
     def analyze(self, exact: bool = False) -> Trace:
         """Inverse analysis of the finished chain (needs a tracking engine).
 
-        exact: decision points from exact eq. 7 (model/exact.py: the torch reference
+        exact: decision points from exact eq. 7 (sage.reference.exact: the torch reference
         model of the same GGUF, a backward pass per step) instead of the tracker's proxy;
         the proxy's agreement with it (mean per-step Spearman) and its time go to
         Analysis.exact. Imports torch."""
-        from model.inverse import AnalysisConfig, analyze
+        from sage.inverse import AnalysisConfig, analyze
 
         if self.engine.tracker is None or self.trace.finish_reason == "interrupted" or not self.trace.tokens:
             return self.trace
         sig = facts = method = None
         if exact:
-            from model.exact import exact_significance, proxy_agreement, tracker_proxy
+            from sage.reference.exact import exact_significance, proxy_agreement, tracker_proxy
 
             # the proxy first: the rollouts decode on this engine and overwrite the tracker rows
             proxy = tracker_proxy(self.engine, self.trace)

@@ -1,8 +1,8 @@
 """The reasoning trace: what one `sage ask` run produced, as versioned JSON.
 
 The dataclasses are the in-memory form; `TRACE_SCHEMA` (a JSON Schema, draft 2020-12
-subset) is the contract for the file. `load_trace` validates a file against it with a
-small built-in validator, so a corrupt or foreign file is refused with one clear line
+subset) is the contract for the file. `load_trace` validates a file against it with
+jsonschema, so a corrupt or foreign file is refused with one clear line
 instead of failing somewhere in a view.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sage.paths import write_text_atomic
 
 SCHEMA_NAME = "sage.trace"
 SCHEMA_VERSION = 2
@@ -106,7 +106,7 @@ class Decision:
     prob: float  # probability of the chosen token
     entropy: float  # nats, of the distribution the token was drawn from
     significance: float  # max normalized eq. 7 significance over the dependent steps
-    score: float  # significance x (1 - prob): how much hinged on an uncertain choice
+    score: float  # the ranking score: significance x (1 - prob) with analytic heads, the trained heads' decision score otherwise
     dependents: list[int]  # steps whose significance for this token >= threshold
     merged: int  # other candidate tokens of the same step merged into this one
     alternatives: list[Alternative]  # the 5 most probable tokens other than the chosen one
@@ -390,64 +390,18 @@ TRACE_SCHEMA: dict[str, Any] = _obj(
     }
 )
 
-_TYPES = {
-    "object": dict,
-    "array": list,
-    "string": str,
-    "boolean": bool,
-    "null": type(None),
-}
+def validate(value: Any, schema: dict[str, Any]) -> None:
+    """Check `value` against a JSON Schema (jsonschema); raise TraceError naming the
+    offending path, e.g. `$.analysis.decisions[0].prob: 'x' is not of type 'number'`."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
 
-
-def _is_type(value: Any, name: str) -> bool:
-    if name == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, _TYPES[name])
-
-
-def validate(value: Any, schema: dict[str, Any], where: str = "$") -> None:
-    """Check `value` against the subset of JSON Schema used by TRACE_SCHEMA.
-
-    Supports type, const, enum, anyOf, required, properties, additionalProperties, items.
-    Raises TraceError naming the first offending path.
-    """
-    if "anyOf" in schema:
-        errors = []
-        for sub in schema["anyOf"]:
-            try:
-                validate(value, sub, where)
-                return
-            except TraceError as e:
-                errors.append(e)
-        # a form that matched deeper in (an object, not null) names the offending path best
-        deepest = max(errors, key=lambda e: len(str(e).split(": ", 1)[0]), default=None)
-        if deepest is not None and str(deepest).split(": ", 1)[0] != where:
-            raise deepest
-        raise TraceError(f"{where}: matches none of the allowed forms")
-    if "const" in schema and value != schema["const"]:
-        raise TraceError(f"{where}: expected {schema['const']!r}, found {value!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        raise TraceError(f"{where}: {value!r} is not one of {schema['enum']}")
-    if "type" in schema:
-        names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_is_type(value, n) for n in names):
-            raise TraceError(f"{where}: expected {' or '.join(names)}, found {type(value).__name__}")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                raise TraceError(f"{where}: missing key {key!r}")
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties")
-        for key, sub in value.items():
-            if key in props:
-                validate(sub, props[key], f"{where}.{key}")
-            elif isinstance(extra, dict):
-                validate(sub, extra, f"{where}.{key}")
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            validate(item, schema["items"], f"{where}[{i}]")
+    err = best_match(Draft202012Validator(schema).iter_errors(value))
+    if err is None:
+        return
+    where = "$" + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in err.absolute_path)
+    msg = err.message if len(err.message) <= 160 else err.message[:157] + "..."
+    raise TraceError(f"{where}: {msg}")
 
 
 # --- files -------------------------------------------------------------------------
@@ -456,15 +410,7 @@ def validate(value: Any, schema: dict[str, Any], where: str = "$") -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` through a temp file in the same directory and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
 
 def save_trace(trace: Trace, home: Path) -> Path:

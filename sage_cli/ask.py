@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sage_cli.common import JsonOpt, ModelOpt, sage_home, user_errors
+from sage.cli.options import JsonOpt, ModelOpt, sage_home, user_errors
 
 T_IMPORT = time.time()  # fallback start time where /proc is not available
 
@@ -23,7 +23,10 @@ def ask(
     ctx: Annotated[
         int, typer.Option("--ctx", help="Context size in tokens (the chain and its rollouts share it).")
     ] = 4096,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all, up to 8).")] = None,
+    threads: Annotated[
+        Optional[int],
+        typer.Option("--threads", envvar="SAGE_THREADS", help="CPU threads (default: all, up to 8).", show_default=False),
+    ] = None,
     track: Annotated[
         bool, typer.Option("--track/--no-track", help="Track attention and run the inverse analysis.")
     ] = True,
@@ -69,17 +72,18 @@ def ask(
 
     Example: sage ask "Tom has 3 boxes of 12 eggs and uses 7. How many eggs are left?"
     """
-    from model.engine import Engine
-    from model.inverse import AnalysisConfig
-    from model.errors import SageError
-    from model.reason import ReasonRun, check_problem, process_start_time
-    from model.trace import save_trace
-    from sage_cli.presets import resolve_model
-    from sage_cli.ui import AskView
+    from sage.api import Asking
+    from sage.errors import SageError
+    from sage.reason import process_start_time
+    from sage.trace import save_trace
+    from sage.cli.ui import AskView
 
-    check_problem(problem)
     if exact and not track:
         raise SageError("--exact computes the significance of the inverse analysis: drop --no-track")
+    if max_tokens < 1:
+        raise SageError("--max-tokens must be at least 1")
+    if temperature < 0:
+        raise SageError("--temperature must be >= 0")
     if ctx < 64:
         raise SageError("--ctx must be at least 64 tokens")
     if threads is not None and threads < 1:
@@ -90,64 +94,31 @@ def ask(
         raise SageError("--max-decisions must be >= 0")
     if not 0 <= alternatives <= 5:
         raise SageError("--alternatives must be between 0 and 5")
-    cfg = AnalysisConfig(max_decisions=max_decisions, alternatives=alternatives)
     t_start = process_start_time() or T_IMPORT
-    resolved = resolve_model(model)
-    sidecar = None
-    if track and heads != "none":
-        from pathlib import Path
-
-        from model.heads import SageHeads, find_heads
-
-        where = Path(heads) if heads else find_heads(resolved.path, resolved.preset, sage_home() / "heads")
-        if heads and not where.is_file():
-            raise SageError(f"no heads sidecar at {heads}")
-        sidecar = SageHeads.load(where) if where else None
-    if threshold is not None:
-        if sidecar is not None and sidecar.trained:
-            cfg.score_threshold = threshold
-        else:
-            cfg.threshold = threshold
-    engine = Engine(
-        resolved.path,
-        heads=sidecar,
-        n_ctx=ctx,
-        n_threads=threads,
-        name=resolved.name,
-        track=track,
-        n_seq_max=1 + max_decisions * alternatives if track else 1,
-    )
-    if exact:
-        # refused before generating, not after: exact eq. 7 needs a torch twin of the architecture
-        from model.arch import get_arch
-
-        try:
-            get_arch(engine.architecture)
-        except SageError as e:
-            raise SageError(f"--exact needs the torch reference model: {e}") from None
-    run = ReasonRun(
-        engine, problem, max_tokens=max_tokens, temperature=temperature, seed=seed, t_start=t_start, analysis=cfg
+    run = Asking(
+        problem, model, max_tokens=max_tokens, temperature=temperature, seed=seed, ctx=ctx, threads=threads,
+        track=track, threshold=threshold, max_decisions=max_decisions, alternatives=alternatives, heads=heads,
+        exact=exact, t_start=t_start,
     )
     view = None if json_out else AskView()
-    if view:
-        view.header(run.trace.problem, resolved.name, engine.info.description, run.trace.prompt_tokens)
     try:
+        if view:
+            view.header(run.trace.problem, run.resolved.name, run.engine.info.description, run.trace.prompt_tokens)
         for rec in run:
             if view:
                 view.token(rec.text, rec.prob)
-        if track:
-            if view:
-                with view.analyzing(max_decisions, alternatives, exact):
-                    run.analyze(exact)
-            else:
-                run.analyze(exact)
+        if track and view:
+            with view.analyzing(max_decisions, alternatives, exact):
+                run.analyze()
+        else:
+            run.analyze()
     except KeyboardInterrupt:
         saved = save_trace(run.interrupted(), sage_home())
         if view:
             view.interrupted(saved)
         raise typer.Exit(130) from None
     finally:
-        engine.close()
+        run.close()
     saved = save_trace(run.trace, sage_home())
     if json_out:
         print(json.dumps(run.trace.to_dict(), ensure_ascii=False))

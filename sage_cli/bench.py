@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sage_cli.common import JsonOpt, ModelOpt, sage_home, user_errors
+from sage.cli.options import JsonOpt, ModelOpt, sage_home, user_errors
 
 
 @user_errors
@@ -56,36 +56,28 @@ def bench(
     configuration); every further problem adds about 20 s per rep. A machine shared
     with another CPU-heavy job can make it several times slower.
 
-    Example (longer, steadier): sage bench --mem --n 5 --reps 3
+    Example: sage bench --mem --n 5 --reps 3   (longer and steadier than the defaults)
     """
-    from model.bench import CONFIGS, PAPER, BenchSettings, problem_set, run_bench, summarize, total_steps
-    from model.errors import SageError
-    from model.trace import write_json_atomic
-    from sage_cli.presets import resolve_model
-    from sage_cli.ui import BenchView
+    from sage.bench import CONFIGS, PAPER, BenchSettings, run_bench, summarize, total_steps
+    from sage.problems import problem_set
+    from sage.errors import SageError
+    from sage.trace import write_json_atomic
+    from sage.presets import resolve_model
+    from sage.cli.ui import BenchView
 
     if max_tokens < 1:
         raise SageError("--max-tokens must be at least 1")
     label, probs = problem_set(problems, n, seed)
     resolved = resolve_model(model)
-    from model.engine import check_gguf_file
+    from sage.engine import check_gguf_file
 
     check_gguf_file(resolved.path)
-    from pathlib import Path
+    from sage.heads import resolve_heads
 
-    from model.heads import find_heads
-
-    if heads == "none":
-        sidecar = None
-    elif heads:
-        if not Path(heads).is_file():
-            raise SageError(f"no heads sidecar at {heads}")
-        sidecar = Path(heads)
-    else:
-        sidecar = find_heads(resolved.path, resolved.preset, sage_home() / "heads")
+    sidecar = resolve_heads(heads, resolved.path, resolved.preset)
     if sidecar is not None:
-        from model.engine import Engine
-        from model.heads import SageHeads
+        from sage.engine import Engine
+        from sage.heads import SageHeads
 
         with Engine(resolved.path, n_ctx=64, heads=SageHeads.load(sidecar)):
             pass  # a sidecar for another model is refused here, not in a worker

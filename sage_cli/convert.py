@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sage_cli.common import JsonOpt, user_errors
+from sage.cli.options import JsonOpt, user_errors
 
 
 @user_errors
@@ -42,15 +42,15 @@ def convert(
 
     Example: sage convert --q4 HuggingFaceTB/SmolLM2-135M-Instruct --out models/
     """
-    from convert import VerificationError, convert as run_convert
-    from model.errors import SageError
-    from sage_cli.ui_convert import ConvertView
+    from sage.convert import VerificationError, convert as run_convert
+    from sage.errors import SageError
+    from sage.cli.ui.convert import ConvertView
 
     if qtype is None:
         qtype = "Q4_K_M"
     elif q4 and qtype.strip().upper() != "Q4_K_M":
         raise SageError(f"--q4 means Q4_K_M; it conflicts with --qtype {qtype}")
-    from convert import normalize_qtype
+    from sage.convert import normalize_qtype
 
     qtype = normalize_qtype(qtype)
     view = None if json_out else ConvertView()

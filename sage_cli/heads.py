@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from model.errors import SageError
-from sage_cli.common import JsonOpt, ModelOpt, sage_home, user_errors
+from sage.errors import SageError
+from sage.cli.options import JsonOpt, ModelOpt, user_errors
+from sage.paths import heads_dir
 
 app = typer.Typer(
     name="heads",
@@ -78,8 +79,8 @@ def train(
 
     Example: sage heads train --n 128 --seed 0
     """
-    from model.heads import heads_name
-    from sage_cli.presets import resolve_model
+    from sage.heads import heads_name
+    from sage.presets import resolve_model
 
     for name, v, lo in (("--n", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--depth", depth, 1),
                         ("--width", width, 2), ("--epochs", epochs, 1), ("--heads", n_heads, 1),
@@ -89,21 +90,21 @@ def train(
     if not 0.0 < holdout < 1.0:
         raise SageError("--holdout must be between 0 and 1")
     resolved = resolve_model(model)
-    from model.engine import check_gguf_file
+    from sage.engine import check_gguf_file
 
     check_gguf_file(resolved.path)
     name = heads_name(resolved.path, resolved.preset)
-    out = out or sage_home() / "heads" / name
-    if out == sage_home() / "heads" / name:
+    out = out or heads_dir() / name
+    if out == heads_dir() / name:
         out.parent.mkdir(parents=True, exist_ok=True)
     _check_out(out, force)  # before the long part, not after it
-    labels = labels or sage_home() / "heads" / f"{name[: -len('.sage.gguf')]}.labels-seed{seed}-n{n}.jsonl"
+    labels = labels or heads_dir() / f"{name[: -len('.sage.gguf')]}.labels-seed{seed}-n{n}.jsonl"
     if labels.is_dir():
         raise SageError(f"--labels {labels} is a directory; give a file name")
 
-    from model.heads_train import TrainSettings, train as run_train
-    from model.heads_train import training_problems
-    from sage_cli.ui_heads import HeadsView
+    from sage.reference.train import TrainSettings, train as run_train
+    from sage.reference.train import training_problems
+    from sage.cli.ui.heads import HeadsView
 
     training_problems(n, seed, holdout)  # refuse missing data now
     s = TrainSettings(model_path=resolved.path, base_name=resolved.preset or resolved.path.name, n=n,
@@ -142,19 +143,19 @@ def show(
 
     Example: sage heads show
     """
-    from model.heads import SageHeads, find_heads
-    from sage_cli.ui_heads import HeadsView
+    from sage.heads import SageHeads, resolve_heads
+    from sage.cli.ui.heads import HeadsView
 
     if sidecar is None:
-        from sage_cli.presets import resolve_model
+        from sage.presets import resolve_model
 
         resolved = resolve_model(model)
-        sidecar = find_heads(resolved.path, resolved.preset, sage_home() / "heads")
+        sidecar = resolve_heads(None, resolved.path, resolved.preset)
         if sidecar is None:
             raise SageError(f"no heads sidecar for {resolved.name}: `sage ask` uses the built-in analytic heads; "
                             "train some with `sage heads train`")
-    elif not sidecar.is_file():
-        raise SageError(f"no heads sidecar at {sidecar}")
+    else:
+        sidecar = resolve_heads(sidecar, Path(), None)
     heads = SageHeads.load(sidecar)
     if json_out:
         print(json.dumps(HeadsView.summary(heads, sidecar)))

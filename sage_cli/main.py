@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from model import __version__
-from sage_cli import ask, bench, convert, explain, heads, models
+from sage import __version__
+from sage.cli import ask, bench, convert, explain, heads, models
 
 app = typer.Typer(
     name="sage",

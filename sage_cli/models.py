@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from sage_cli.common import JsonOpt, user_errors
-from sage_cli.presets import DEFAULT_MODEL, PRESETS, preset_status
+from sage.cli.options import JsonOpt, user_errors
+from sage.presets import DEFAULT_MODEL, PRESETS, preset_status
 
 
 @user_errors
@@ -24,6 +24,6 @@ def models(json_out: JsonOpt = False) -> None:
             for n, d, s, path, dflt in rows
         ], indent=1))
         return
-    from sage_cli.ui import console, models_table
+    from sage.cli.ui import console, models_table
 
     console.print(models_table(rows))

@@ -1,4 +1,4 @@
-"""Parity of the torch reference (model.arch.load_gguf) with llama.cpp on a GGUF.
+"""Parity of the torch reference (sage.reference.arch.load_gguf) with llama.cpp on a GGUF.
 
     .venv/bin/python scripts/arch_parity.py [PATH.gguf] [--tokens 256]
 
@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TEXT = (
     "Question: A farmer has 17 sheep and buys 5 more, then sells 8. How many sheep does the "
@@ -46,8 +45,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from model.arch import load_gguf
-    from model.arch.parity import compare_logits
+    from sage.reference.arch import load_gguf
+    from sage.reference.arch.parity import compare_logits
 
     llm = llama_cpp.Llama(str(path), n_ctx=max(256, a.tokens), logits_all=True, verbose=False)
     tokens = llm.tokenize(TEXT.encode(), add_bos=True)[: a.tokens]

@@ -9,7 +9,7 @@ attention tracker, (d) with the Python tracker callback. Reports tokens/s median
 ratios. Then the cost of rollouts: one analyzed run, branch tokens per second against
 the chain's own generation speed, exact (one branch per decode) and batched. Last, starts
 `sage ask --json --no-track` as a fresh process a few times and reports the time from
-process start to the first generated token (from /proc, see model.reason).
+process start to the first generated token (from /proc, see sage.reason).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROBLEM = "List the numbers from 1 to 100 in words, one per line, then say which is the longest word."
 
@@ -40,10 +39,10 @@ def main() -> None:
     from llama_cpp import Llama
     from rich.console import Console
 
-    from model.engine import Engine
-    from model.reason import ReasonRun
-    from sage_cli.presets import resolve_model
-    from sage_cli.ui import THEME, AskView
+    from sage.engine import Engine
+    from sage.reason import ReasonRun
+    from sage.presets import resolve_model
+    from sage.cli.ui import THEME, AskView
 
     path = resolve_model(args.model).path
     eng = Engine(path, n_ctx=2048)
@@ -95,8 +94,8 @@ def main() -> None:
         e.close()
     llm.close()
 
-    from model.inverse import AnalysisConfig
-    from model.reason import reason
+    from sage.inverse import AnalysisConfig
+    from sage.reason import reason
 
     problem = "Tom has 3 boxes with 12 eggs in each box. He uses 7 eggs. How many eggs are left?"
     reng = Engine(path, n_ctx=4096, track=True, n_seq_max=7)

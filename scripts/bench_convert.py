@@ -9,9 +9,9 @@
    (VmHWM before the heads step, which loads the result in llama.cpp, whose mmap counts in
    RSS), against the checkpoint and its largest tensor; conversion throughput in MB/s.
 2. Agreement: the embedded SmolLM2-135M-Instruct Q4_1 GGUF is exported to an HF directory
-   (convert.roundtrip: dequantized to float32, q/k un-permuted) and converted to F16,
+   (sage.convert.roundtrip: dequantized to float32, q/k un-permuted) and converted to F16,
    Q8_0, Q4_K_M and Q4_0 with verification on. Printed per type: top-1 agreement and mean
-   KL(torch || llama.cpp) over the probes (convert.verify.PROBE_TEXTS), size, bits per
+   KL(torch || llama.cpp) over the probes (sage.convert.verify.PROBE_TEXTS), size, bits per
    weight, time; and, for the quantized types, the same numbers for llama.cpp's default
    pipeline (convert_hf_to_gguf --outtype f16, then llama-quantize), i.e. quantizing the
    F16 GGUF, which is the tensors llama.cpp's converter writes (both round f32 to f16).
@@ -40,8 +40,8 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-from convert import convert
-import model.engine  # what convert imports at its start, so the baseline includes it
+from sage.convert import convert
+import sage.engine  # what convert imports at its start, so the baseline includes it
 marks = {"after_imports_rss": rss()}
 def on_stage(stage):
     marks[f"peak_before_{stage}"] = hwm()
@@ -60,9 +60,9 @@ def synthetic_checkpoint(path: Path, layers: int) -> tuple[int, int]:
     import torch
     from safetensors.torch import save_file
 
-    from convert.roundtrip import read_vocab, write_tokenizer
-    from model.arch import get_arch
-    from sage_cli.presets import resolve_model
+    from sage.convert.roundtrip import read_vocab, write_tokenizer
+    from sage.reference.arch import get_arch
+    from sage.presets import resolve_model
 
     import gguf
 
@@ -116,13 +116,13 @@ def bench_memory(work: Path, layers: int) -> None:
 def bench_agreement(work: Path) -> None:
     import torch
 
-    from convert import VerificationError, convert, read_config, converter_class
-    from convert.base import Checkpoint
-    from convert.quantize import quantize
-    from convert.roundtrip import export_hf
-    from convert.verify import verify
-    from model.engine import Engine, default_threads
-    from sage_cli.presets import resolve_model
+    from sage.convert import VerificationError, convert, read_config, converter_class
+    from sage.convert.base import Checkpoint
+    from sage.convert.quantize import quantize
+    from sage.convert.roundtrip import export_hf
+    from sage.convert.verify import verify
+    from sage.engine import Engine, default_threads
+    from sage.presets import resolve_model
 
     t = time.perf_counter()
     src = export_hf(resolve_model("smollm2-135m").path, work / "SmolLM2-135M-Instruct", torch.float32)

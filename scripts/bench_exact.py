@@ -19,13 +19,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sage.reference.compare import compare_on_problem
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_train.jsonl"
 
@@ -53,10 +52,10 @@ def main() -> None:
 
     import torch
 
-    from model.engine import Engine
-    from model.exact import exact_significance, load_model
-    from model.reason import reason
-    from sage_cli.presets import resolve_model
+    from sage.engine import Engine
+    from sage.reference.exact import exact_significance, load_model
+    from sage.reason import reason
+    from sage.presets import resolve_model
 
     path = resolve_model(args.model).path
     if args.torch_threads:
@@ -94,8 +93,6 @@ def main() -> None:
 
 
 def correlations(problems: list[str], path: Path, args: argparse.Namespace) -> None:
-    from model.exact import compare_on_problem
-
     keys = ("spearman", "factor_spearman", "attention_spearman", "torch_proxy_spearman", "parity_spearman")
     steps: dict[str, list[float]] = {k: [] for k in keys}
     means: list[float] = []

@@ -22,14 +22,14 @@ def _isolated_dirs(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from sage_cli.presets import resolve_model
+    from sage.presets import resolve_model
 
     return resolve_model("smollm2-135m").path
 
 
 @pytest.fixture(scope="session")
 def engine(smollm2_path):
-    from model.engine import Engine
+    from sage.engine import Engine
 
     eng = Engine(smollm2_path, n_ctx=1024, name="smollm2-135m")
     yield eng

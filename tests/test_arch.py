@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.arch import ARCHITECTURES, get_arch, load_gguf, load_hf
-from model.arch.llama import rope_inv_freq, unpermute
-from model.arch.parity import Agreement, compare_logits
-from model.errors import SageError
+from sage.reference.arch import ARCHITECTURES, get_arch, load_gguf, load_hf
+from sage.reference.arch.llama import rope_inv_freq, unpermute
+from sage.reference.arch.parity import Agreement, compare_logits
+from sage.errors import SageError
 
 BASE = dict(
     hidden_size=64, num_hidden_layers=3, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -286,7 +286,7 @@ def test_tiny_gguf_matches_llama_cpp(tiny, tmp_path):
 # llama.cpp's CPU kernels differ by instruction set and round activations to 8 bits, so at
 # near-tied positions its argmax flips between machines (one flip in 64 on an AVX2 EPYC,
 # none on an AVX-512 one). The measures are therefore the mean KL, and top-1 agreement
-# where llama.cpp's top-1 leads by a clear margin (model.arch.parity; near-ties excluded
+# where llama.cpp's top-1 leads by a clear margin (sage.reference.arch.parity; near-ties excluded
 # and counted), over 256 positions. The same checks on deliberately broken architectures
 # show that they still catch a real bug.
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from model.bench import CONFIGS, Problem, arithmetic_problems, branch_vote, load_problems, problem_set, score
-from model.errors import SageError
-from model.trace import Alternative, Analysis, Answer, Branch, Decision, Explanation
-from sage_cli.main import app
+from sage.bench import CONFIGS, branch_vote
+from sage.problems import Problem, arithmetic_problems, load_problems, problem_set, score
+from sage.errors import SageError
+from sage.trace import Alternative, Analysis, Answer, Branch, Decision, Explanation
+from sage.cli.main import app
 
 runner = CliRunner()
 
@@ -139,8 +140,8 @@ def test_bench_bad_input(args, needle):
 
 
 def test_progress_labels_and_steps():
-    from model.bench import Step, total_steps
-    from sage_cli.ui import BenchView
+    from sage.bench import Step, total_steps
+    from sage.cli.ui import BenchView
 
     v = BenchView()
     assert v.describe(Step("rollouts", 2, 2, 3, 5, "problem")) == "(4) + rollouts · rep 2/2 · problem 3/5"
@@ -154,7 +155,7 @@ def test_progress_labels_and_steps():
 def _record(mem, configs, n, reps, smollm2_path):
     import time
 
-    from model.bench import BenchSettings, run_bench
+    from sage.bench import BenchSettings, run_bench
 
     steps = []
     s = BenchSettings(model_path=str(smollm2_path), max_tokens=8, threads=1)
@@ -167,7 +168,7 @@ def _record(mem, configs, n, reps, smollm2_path):
 def test_mem_progress_per_problem(smollm2_path):
     """--mem: every worker process reports each problem as it starts and finishes, with
     its configuration and repetition, while it runs (not all at its end)."""
-    from model.bench import total_steps
+    from sage.bench import total_steps
 
     configs, n, reps = ("forward", "rollouts"), 2, 2
     big = bytearray(512 * 2**20)  # this process's peak, which a worker must not inherit
@@ -192,7 +193,7 @@ def test_mem_progress_per_problem(smollm2_path):
 
 
 def test_progress_per_problem_in_process(smollm2_path):
-    from model.bench import total_steps
+    from sage.bench import total_steps
 
     configs = ("forward", "track")
     _, steps = _record(False, configs, 2, 1, smollm2_path)

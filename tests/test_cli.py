@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sage_cli.main import app
+from sage.cli.main import app
+from helpers import one_line_error
 
 runner = CliRunner()
 PROBLEM = "A pen costs 3 dollars. How much do 4 pens cost?"
@@ -21,15 +22,6 @@ def run(*args):
     return runner.invoke(app, list(args))
 
 
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_version():
@@ -208,7 +200,7 @@ def test_ctrl_c_saves_partial_trace(tmp_path):
 
 
 def test_foreign_heads_sidecar_refused(tmp_path):
-    from model.heads import SageHeads
+    from sage.heads import SageHeads
 
     f = tmp_path / "other.sage.gguf"
     SageHeads.analytic("0" * 32, "another model", [15], 9).save(f)
@@ -229,7 +221,7 @@ def test_default_ask_imports_no_torch(tmp_path):
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from sage_cli.main import app\n"
+        "from sage.cli.main import app\n"
         f"r = CliRunner().invoke(app, ['ask', {PROBLEM!r}, '--max-tokens', '8', '--alternatives', '0'])\n"
         "assert r.exit_code == 0, r.output\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -247,8 +239,8 @@ def test_ask_exact_then_explain_exact():
 
     from rich.console import Console
 
-    from model.trace import load_trace
-    from sage_cli.ui import THEME, AskView
+    from sage.trace import load_trace
+    from sage.cli.ui import THEME, AskView
 
     r = run("ask", PROBLEM, "--max-tokens", "24", "--exact", "--alternatives", "1", "--json")
     assert r.exit_code == 0, r.output
@@ -280,8 +272,8 @@ def test_ask_exact_then_explain_exact():
 def test_threshold_applies_to_the_heads_in_use():
     """--threshold is on the trained heads' decision score with trained heads (the
     shipped ones), on normalized significance with analytic heads; the trace records it."""
-    from model.heads import SageHeads, find_heads
-    from sage_cli.presets import resolve_model
+    from sage.heads import SageHeads, find_heads
+    from sage.presets import resolve_model
 
     shipped = SageHeads.load(find_heads(resolve_model(None).path, "smollm2-135m", None))
     assert shipped.trained

@@ -17,17 +17,18 @@ import typer
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from convert import REGISTRY, VerificationError, convert
-from convert.base import Checkpoint
-from convert.llama import permute
-from convert.roundtrip import export_hf, read_vocab, write_tokenizer
-from convert.verify import PROBE_TEXTS, THRESHOLDS, llama_logits, reference_logits
-from model.arch import get_arch, load_hf
-from model.arch.llama import unpermute
-from model.arch.parity import compare_logits
-from model.engine import Engine
-from model.errors import SageError
-from model.heads import SageHeads, fingerprint
+from sage.convert import REGISTRY, VerificationError, convert
+from sage.convert.base import Checkpoint
+from sage.convert.llama import permute
+from sage.convert.roundtrip import export_hf, read_vocab, write_tokenizer
+from sage.convert.verify import PROBE_TEXTS, THRESHOLDS, llama_logits, reference_logits
+from sage.reference.arch import get_arch, load_hf
+from sage.reference.arch.llama import unpermute
+from sage.reference.arch.parity import compare_logits
+from sage.engine import Engine
+from sage.errors import SageError
+from sage.heads import SageHeads, fingerprint
+from helpers import one_line_error
 
 N_VOCAB = 49152  # SmolLM2's
 BASE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
@@ -362,7 +363,7 @@ def test_shipped_heads_that_do_not_fit_are_refused(base_name, n_head, why, smol_
 
 # --- the command -------------------------------------------------------------------------
 
-from sage_cli.convert import convert as convert_cmd  # noqa: E402
+from sage.cli.convert import convert as convert_cmd  # noqa: E402
 
 app = typer.Typer()
 app.command("convert")(convert_cmd)
@@ -376,14 +377,6 @@ def _other() -> None:
 runner = CliRunner()
 
 
-def one_line_error(result, *needles) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_command_help_has_an_example():

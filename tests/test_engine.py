@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from kernels.reference import entropy, log_softmax, varentropy
-from model.engine import Engine, Sampling
-from model.errors import SageError
-from model.reason import reason
-from model.trace import TRACE_SCHEMA, Trace, load_trace, save_trace, validate
+from sage.kernels.reference import entropy, log_softmax, varentropy
+from sage.engine import Engine, Sampling
+from sage.errors import SageError
+from sage.reason import reason
+from sage.trace import TRACE_SCHEMA, Trace, load_trace, save_trace, validate
 
 PROBLEM = "Tom has 3 boxes with 12 eggs in each box. He uses 7 eggs. How many eggs are left?"
 
@@ -63,7 +63,7 @@ def test_token_records_are_consistent(engine):
 
 
 def test_token_stats_match_reference_on_real_logits(engine):
-    from kernels.reference import token_stats
+    from sage.kernels.reference import token_stats
 
     prompt, _ = engine.build_prompt(PROBLEM)
     engine.reset()
@@ -131,7 +131,7 @@ def test_prompt_longer_than_context(smollm2_path):
 
 
 def test_interrupt_keeps_partial_trace(engine):
-    from model.reason import ReasonRun
+    from sage.reason import ReasonRun
 
     run = ReasonRun(engine, PROBLEM, max_tokens=50)
     with pytest.raises(KeyboardInterrupt):
@@ -147,7 +147,7 @@ def test_interrupt_keeps_partial_trace(engine):
 @pytest.mark.slow
 def test_gemma3_base_model_plain_prompt():
     """A second architecture (Gemma 3, base model without chat template)."""
-    from sage_cli.presets import resolve_model
+    from sage.presets import resolve_model
 
     path = resolve_model("gemma3-270m").path
     with Engine(path, n_ctx=512) as eng:

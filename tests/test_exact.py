@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from model.exact import (
+from sage.reference.exact import (
     candidate_mask,
-    compare_on_problem,
     exact_from_model,
     proxy_agreement,
     rankdata,
     spearman,
 )
-from model.trace import ModelInfo, Settings, Step, TokenRecord, Trace
+from sage.reference.compare import compare_on_problem
+from sage.trace import ModelInfo, Settings, Step, TokenRecord, Trace
 from test_arch import TINY, tiny_model
 
 PROMPT = [1, 30, 31, 32, 33, 2]
@@ -121,7 +121,7 @@ def test_gradients_respect_causality_and_significance_stays_on_candidates(tiny64
 
 
 def test_steps_batched_backward_equals_one_at_a_time(tiny64, monkeypatch):
-    import model.exact as exact
+    import sage.reference.exact as exact
 
     batched = exact_from_model(tiny64, tiny_trace(), PROMPT, CONTENT, layers=[1, 2])
     monkeypatch.setattr(exact, "BACKWARD_CHUNK", 1)

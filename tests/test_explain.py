@@ -1,7 +1,7 @@
 """`sage explain`: a saved trace rendered as a tree, exported, and bad files refused.
 
 Traces are built from the dataclasses (no model); the command runs through CliRunner on a
-local app, so these tests do not depend on how sage_cli.main registers it.
+local app, so these tests do not depend on how sage.cli.main registers it.
 """
 
 import html
@@ -15,7 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from model.trace import (
+from sage.trace import (
     Alternative,
     Analysis,
     Answer,
@@ -30,7 +30,8 @@ from model.trace import (
     Trace,
     save_trace,
 )
-from sage_cli.explain import explain
+from sage.cli.explain import explain
+from helpers import one_line_error
 
 PROBLEM = "A pen costs 3 dollars. How much do 4 pens cost?"
 STEPS = [
@@ -60,15 +61,6 @@ def home() -> Path:
     return Path(os.environ["SAGE_HOME"])
 
 
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def make_trace(analysis: bool = True, problem: str = PROBLEM) -> Trace:
@@ -288,8 +280,8 @@ def test_loads_no_model(tmp_path):
     code = (
         "import sys, typer\n"
         "from typer.testing import CliRunner\n"
-        "import sage_cli.explain, sage_cli.ui_tree\n"
-        "app = typer.Typer(); app.command('explain')(sage_cli.explain.explain); app.command('x')(lambda: None)\n"
+        "import sage.cli.explain, sage.cli.ui.tree\n"
+        "app = typer.Typer(); app.command('explain')(sage.cli.explain.explain); app.command('x')(lambda: None)\n"
         "r = CliRunner().invoke(app, ['explain', '--tree'])\n"
         "assert r.exit_code == 0, r.output\n"
         "heavy = [m for m in ('llama_cpp', 'torch') if m in sys.modules]\n"
@@ -300,7 +292,7 @@ def test_loads_no_model(tmp_path):
 
 def test_trace_without_exact_field_loads(tmp_path):
     """Traces saved before `--exact` existed have no analysis.exact: they still load."""
-    from model.trace import load_trace
+    from sage.trace import load_trace
 
     d = make_trace().to_dict()
     del d["analysis"]["exact"]

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from model.engine import Engine
-from model.errors import SageError
-from model.heads import FEATURES, META_FEATURES, SageHeads, _logit, fingerprint, sidecar_path
-from model.inverse import AnalysisConfig
-from model.reason import reason
+from sage.engine import Engine
+from sage.errors import SageError
+from sage.heads import FEATURES, META_FEATURES, SageHeads, logit, fingerprint, sidecar_path
+from sage.inverse import AnalysisConfig
+from sage.reason import reason
 
 PROBLEM = "Tom has 3 boxes with 12 eggs in each box. He uses 7 eggs. How many eggs are left?"
 
@@ -17,7 +17,7 @@ def test_analytic_heads_reproduce_eq7_and_confidence():
     x = np.random.default_rng(0).random((30, len(FEATURES))).astype(np.float32)
     assert np.array_equal(h.inverse(x), x[:, FEATURES.index("significance")])
     m = np.zeros(len(META_FEATURES), np.float32)
-    m[0] = _logit(0.37)
+    m[0] = logit(0.37)
     assert h.meta(m) == pytest.approx(0.37, abs=1e-6)
 
 
@@ -75,7 +75,7 @@ def test_input_bias_round_trip(tmp_path):
 
 
 def test_find_heads_order(tmp_path, monkeypatch):
-    from model import heads as H
+    from sage import heads as H
 
     shipped, user = tmp_path / "shipped", tmp_path / "user"
     shipped.mkdir(), user.mkdir()
@@ -102,7 +102,7 @@ def test_embedded_model_ships_trained_heads(smollm2_path, engine):
     bound to it, and records how it was made and what it measured."""
     import json
 
-    from model.heads import SHIPPED, find_heads
+    from sage.heads import SHIPPED, find_heads
 
     path = find_heads(smollm2_path, "smollm2-135m")
     assert path == SHIPPED / "smollm2-135m.sage.gguf"

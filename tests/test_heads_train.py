@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from model.errors import SageError
-from model.heads import FEATURES, META_FEATURES, SageHeads
-from model.heads_train import (
+from sage.errors import SageError
+from sage.heads import FEATURES, META_FEATURES, SageHeads
+from sage.reference.train import (
     TorchInverse,
     auroc,
     ece,
@@ -122,7 +122,7 @@ def test_training_problems_are_seeded_and_disjoint():
 
 
 def test_labels_file_for_other_settings_is_refused(tmp_path, smollm2_path):
-    from model.heads_train import collect
+    from sage.reference.train import collect
 
     path = tmp_path / "labels.jsonl"
     path.write_text(json.dumps({"sage_labels": 1, "max_tokens": 999, "n_sample": 1, "seed": 0}) + "\n")
@@ -202,7 +202,7 @@ def test_heads_show_without_sidecar_for_a_model(run_sage, tmp_path, smollm2_path
 
 
 def test_youden_threshold():
-    from model.heads_train import youden_threshold
+    from sage.reference.train import youden_threshold
 
     y = np.array([0, 0, 1, 1, 1, 1], bool)
     # most labels positive: F1 would take the lowest score; balanced accuracy separates

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from kernels.reference import eq7_significance, normalize_max, value_norm_proxy
-from model.engine import Engine
-from model.inverse import AnalysisConfig
-from model.reason import reason
-from model.trace import TRACE_SCHEMA, load_trace, save_trace, validate
+from sage.kernels.reference import eq7_significance, normalize_max, value_norm_proxy
+from sage.engine import Engine
+from sage.inverse import AnalysisConfig
+from sage.reason import reason
+from sage.trace import TRACE_SCHEMA, load_trace, save_trace, validate
 
 PROBLEM = "Tom has 3 boxes with 12 eggs in each box. He uses 7 eggs. How many eggs are left?"
 CFG = AnalysisConfig(max_decisions=2, alternatives=2, rollout_tokens=48)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kernels.reference import entropy, log_softmax, token_stats, varentropy
+from sage.kernels.reference import entropy, log_softmax, token_stats, varentropy
 
 
 @pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])

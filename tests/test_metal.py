@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import metal, reference
-from kernels.reference import eq7_significance, normalize_max
+from sage.kernels import metal, reference
+from sage.kernels.reference import eq7_significance, normalize_max
 
 ROOT = Path(__file__).resolve().parents[1]
 METAL_OK, METAL_WHY = metal.available()
@@ -149,7 +149,7 @@ def kernel_signatures(src: str) -> dict[str, list[str]]:
 
 
 def test_metal_source_ships_as_package_data_and_defines_every_kernel():
-    res = resources.files("kernels.metal").joinpath(metal.SOURCE)
+    res = resources.files("sage.kernels.metal").joinpath(metal.SOURCE)
     assert res.is_file()
     src = metal.source()
     sigs = kernel_signatures(src)
@@ -157,9 +157,9 @@ def test_metal_source_ships_as_package_data_and_defines_every_kernel():
     # the kernels the Python side calls (lib.NAME(...) or library().NAME(...)) are exactly these
     py = (ROOT / "kernels" / "metal" / "__init__.py").read_text()
     assert set(re.findall(r"\b(?:lib|library\(\))\.(\w+)\(", py)) == set(metal.KERNELS)
-    # and setuptools ships it: pyproject's package-data for `kernels` covers the file
+    # and setuptools ships it: pyproject's package-data for `sage.kernels.metal` covers the file
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert any(fnmatch.fnmatch(f"metal/{metal.SOURCE}", pat) for pat in data["kernels"])
+    assert any(fnmatch.fnmatch(metal.SOURCE, pat) for pat in data["sage.kernels.metal"])
 
 
 class SoftwareLibrary:
@@ -283,7 +283,7 @@ def test_exact_path_on_mps_matches_cpu():
     from test_arch import tiny_model
     from test_exact import CONTENT, PROMPT, tiny_trace
 
-    from model.exact import exact_from_model
+    from sage.reference.exact import exact_from_model
 
     cpu_model = tiny_model("llama").float().requires_grad_(False)
     cpu = exact_from_model(cpu_model, tiny_trace(), PROMPT, CONTENT, layers=[1, 2])

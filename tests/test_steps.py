@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.steps import extract_answer, normalize_number, problem_options, segment_steps
+from sage.steps import extract_answer, normalize_number, problem_options, segment_steps
 
 
 def texts(text):

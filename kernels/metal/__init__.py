@@ -24,7 +24,7 @@ from importlib import resources
 
 import numpy as np
 
-from kernels import reference
+from sage.kernels import reference
 
 SOURCE = "reductions.metal"
 # every kernel the functions below call, in the order the source defines them

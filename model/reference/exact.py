@@ -9,11 +9,11 @@ the torch model (model/arch, weights dequantized from the same GGUF) over prompt
 generated tokens gives the attention w, the step NLLs L_i and entropies H_i, and a
 backward pass per step (batched) gives |grad_{h_j} L_i| for every position j. Everything
 else (which queries make a step's attention row, the candidate positions, the per-step
-normalization) is what `inverse.significance_matrix` does, so the two matrices compare
+normalization) is what `sage.inverse.observe.significance_matrix` does, so the two matrices compare
 entry for entry.
 
 The heavy reductions (gradient norms, attention rows, the normalized eq. 7 product) go
-through kernels.metal: Metal kernels when the model runs on an Apple GPU (`device="mps"`),
+through sage.kernels.metal: Metal kernels when the model runs on an Apple GPU (`device="mps"`),
 their numpy twins in kernels/reference.py everywhere else.
 
 This module imports torch: only `--exact`, tests and scripts import it, never the
@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels import metal
-from kernels.reference import aggregate_rows, value_norm_proxy
-from model.engine import Engine
-from model.errors import SageError
-from model.inverse import AnalysisConfig, map_prompt, significance_matrix
-from model.trace import Trace
+from sage.kernels import metal
+from sage.kernels.reference import aggregate_rows
+from sage.engine import Engine
+from sage.errors import SageError
+from sage.inverse.observe import Observation, content_mask, map_prompt, significance_matrix
+from sage.trace import Trace
 
 BACKWARD_CHUNK = 8  # steps per batched backward pass
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
@@ -46,7 +46,7 @@ def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     key = (str(Path(path).resolve()), str(device))
     model = _MODELS.get(key)
     if model is None:
-        from model.arch import load_gguf
+        from sage.reference.arch import load_gguf
 
         model = load_gguf(path).requires_grad_(False).to(device)
         _MODELS[key] = model
@@ -56,7 +56,7 @@ def load_model(path: str | Path, device: str = "cpu") -> torch.nn.Module:
 @dataclass
 class ExactResult:
     """Eq. 7 on the torch model for every step of a trace. Positions index the full
-    sequence (prompt + generated), as in `inverse.significance_matrix`."""
+    sequence (prompt + generated), as in `sage.inverse.observe.significance_matrix`."""
 
     significance: np.ndarray  # (n_steps, n_pos) exact eq. 7, normalized per step over `candidates`
     grad_norm: np.ndarray  # (n_steps, n_pos) |grad_{h_j} L_i|, raw
@@ -82,15 +82,15 @@ class ExactResult:
 
 def candidate_mask(content: np.ndarray, n_prompt: int, token_start: int) -> np.ndarray:
     """Positions a step's significance is ranked over: content tokens before the query
-    that produced the step's first token (the same rule as inverse.significance_matrix)."""
+    that produced the step's first token (the same rule as sage.inverse.observe.significance_matrix)."""
     mask = content.copy()
     mask[max(n_prompt + token_start - 1, 0) :] = False
     return mask
 
 
 def default_layers(model: torch.nn.Module) -> list[int]:
-    """The layers the llama.cpp tracker observes by default (kernels.tracker)."""
-    from kernels.tracker import default_layers as pick
+    """The layers the llama.cpp tracker observes by default (sage.kernels.tracker)."""
+    from sage.kernels.tracker import default_layers as pick
 
     types = getattr(model.args, "layer_types", None)
     full = [i for i in range(len(model.layers)) if types is None or types[i] == "full_attention"]
@@ -248,7 +248,7 @@ def exact_significance(
     choice) with a plain mean over them and all heads. grad_layer: the gradient is taken
     w.r.t. hidden[grad_layer], the residual stream entering that layer (default: the first
     tracked layer; 0 = the embedding output). device: where the torch model runs; on "mps"
-    (an Apple GPU) the reductions run as Metal kernels (kernels.metal; untested in CI,
+    (an Apple GPU) the reductions run as Metal kernels (sage.kernels.metal; untested in CI,
     which has no Apple GPU)."""
     path = Path(model_path or trace.model.path)
     t0 = time.perf_counter()
@@ -273,7 +273,7 @@ def exact_significance(
         head_weights = tracker.head_w if head_weights is None else head_weights
     elif layers is None:
         layers = trace.analysis.tracked_layers if trace.analysis is not None else default_layers(model)
-    content = np.concatenate([pm.in_problem, np.ones(len(trace.tokens), dtype=bool)])
+    content = content_mask(pm, len(trace.tokens))
     res = exact_from_model(model, trace, prompt_tokens, content, layers, grad_layer, head_weights)
     res.timings["load_s"] = t1 - t0
     return res
@@ -317,8 +317,8 @@ def proxy_agreement(trace: Trace, exact: ExactResult, proxy: np.ndarray | None =
     """Mean per-step Spearman between a proxy significance matrix and the exact one over
     the candidate positions (steps where it is undefined are left out; nan if all are).
     proxy: default the proxy formula on the torch model's own attention and values
-    (`exact.proxy`); pass `inverse.significance_matrix` of llama.cpp's rows to rate the
-    llama.cpp path (what `compare_on_problem` does)."""
+    (`exact.proxy`); pass the `Observation.significance` of llama.cpp's rows to rate the
+    llama.cpp path (what `sage.reference.compare.compare_on_problem` does)."""
     proxy = exact.proxy if proxy is None else proxy
     shape = (len(trace.steps), exact.n_prompt + len(trace.tokens))
     if proxy.shape != shape or exact.significance.shape != shape:
@@ -327,78 +327,10 @@ def proxy_agreement(trace: Trace, exact: ExactResult, proxy: np.ndarray | None =
     return float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
 
 
-@dataclass
-class Comparison:
-    """The llama.cpp path's proxy against exact eq. 7 on one freshly generated trace.
-    Per-step arrays have nan where a step has fewer than two candidates or a constant row."""
-
-    trace: Trace
-    proxy: np.ndarray  # (n_steps, n_pos) inverse.significance_matrix from llama.cpp's tracker rows
-    exact: ExactResult
-    spearman: np.ndarray  # (n_steps,) llama.cpp proxy significance vs exact significance
-    mean: float  # nanmean of `spearman`: the reported number
-    factor_spearman: np.ndarray  # (n_steps,) gradient factor alone: value-norm proxy vs |grad L_i|
-    attention_spearman: np.ndarray  # (n_steps,) baseline: llama.cpp attention w alone (no factor) vs exact
-    torch_proxy_spearman: np.ndarray  # (n_steps,) the proxy formula on torch tensors vs exact
-    parity_spearman: np.ndarray  # (n_steps,) llama.cpp proxy vs the same formula on torch (sanity, ~1)
-
-
 def tracker_proxy(engine: Engine, trace: Trace) -> np.ndarray:
     """(n_steps, n_pos) the llama.cpp path's proxy significance of `trace`, from the rows
     the tracking `engine` recorded while generating it (as inverse.analyze computes it).
     Valid until the engine generates again."""
     if engine.tracker is None:
         raise ValueError("the proxy needs the engine that generated the trace, with track=True")
-    prompt_tokens = engine.tokenize(trace.prompt)
-    n_gen = len(trace.tokens)
-    pm = map_prompt(engine, prompt_tokens, trace.prompt, trace.problem)
-    content = np.concatenate([pm.in_problem, np.ones(n_gen, dtype=bool)])
-    attn = engine.tracker.attn[:n_gen].astype(np.float64)
-    vattn = engine.tracker.vattn[:n_gen].astype(np.float64)
-    return significance_matrix(trace, attn, vattn, content, len(prompt_tokens))
-
-
-def compare_on_problem(
-    problem: str,
-    model_path: str | Path,
-    max_tokens: int = 120,
-    grad_layer: int | None = None,
-    n_threads: int | None = None,
-) -> Comparison:
-    """Generate a greedy chain for `problem` with tracking on (no rollouts), take the
-    proxy significance from the llama.cpp tracker's rows as `sage ask` does, compute the
-    exact significance on the same trace, and correlate them per step. n_threads: llama.cpp's
-    (default: the engine's)."""
-    from model.reason import reason
-
-    eng = Engine(model_path, n_ctx=2048, n_threads=n_threads, track=True, n_seq_max=1)
-    try:
-        trace = reason(eng, problem, max_tokens=max_tokens, analysis=AnalysisConfig(alternatives=0))
-        if not trace.tokens:
-            raise SageError("nothing was generated to compare")
-        proxy = tracker_proxy(eng, trace)
-        exact = exact_significance(trace, model_path, grad_layer=grad_layer, engine=eng)
-        n_gen = len(trace.tokens)
-        attn = eng.tracker.attn[:n_gen].astype(np.float64)
-        vattn = eng.tracker.vattn[:n_gen].astype(np.float64)
-    finally:
-        eng.close()
-    n_pos = proxy.shape[1]
-    # the two factors of the proxy apart: attention alone, and the value-norm factor alone
-    w, factor = np.zeros_like(proxy), np.zeros_like(proxy)
-    for s in trace.steps:
-        a, b = s.token_start, s.token_end
-        w[s.index] = aggregate_rows(attn[a:b, :n_pos])
-        factor[s.index] = value_norm_proxy(w[s.index], aggregate_rows(vattn[a:b, :n_pos]))
-    rho = per_step_spearman(proxy, exact.significance, exact.candidates)
-    return Comparison(
-        trace=trace,
-        proxy=proxy,
-        exact=exact,
-        spearman=rho,
-        mean=float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan"),
-        factor_spearman=per_step_spearman(factor, exact.grad_norm, exact.candidates),
-        attention_spearman=per_step_spearman(w, exact.significance, exact.candidates),
-        torch_proxy_spearman=per_step_spearman(exact.proxy, exact.significance, exact.candidates),
-        parity_spearman=per_step_spearman(proxy, exact.proxy, exact.candidates),
-    )
+    return Observation.from_engine(engine, trace, engine.tokenize(trace.prompt)).significance

@@ -34,23 +34,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model.bench import Problem, arithmetic_problems, default_data_dir, load_problems, score
-from model.engine import Engine
-from model.errors import SageError
-from model.heads import FEATURES, InverseLayer, MetaHead, SageHeads, fingerprint
-from model.inverse import (
-    AnalysisConfig,
-    _risk,
-    _step_of_tokens,
-    find_decisions,
-    map_prompt,
-    meta_features,
-    rollout,
-    significance_matrix,
-    token_features,
-)
-from model.reason import ReasonRun
-from model.trace import Decision, Trace
+from sage.problems import Problem, arithmetic_problems, default_data_dir, load_problems, score
+from sage.engine import Engine
+from sage.errors import SageError
+from sage.heads import FEATURES, InverseLayer, MetaHead, SageHeads, fingerprint
+from sage.inverse import AnalysisConfig, find_decisions, meta_features, risk, rollout, token_features
+from sage.inverse.config import is_choice, plausible_alternatives
+from sage.inverse.observe import Observation, PromptMap, step_of_tokens
+from sage.reason import ReasonRun
+from sage.trace import Decision, Trace
 
 LABELS_VERSION = 2
 
@@ -115,19 +107,9 @@ class Example:
         return Trace.from_dict(self.trace)
 
 
-def _candidates(trace: Trace, min_alt_prob: float) -> list[int]:
-    """Tokens with a plausible alternative (the rule of inverse.find_decisions)."""
-    out = []
-    for k, t in enumerate(trace.tokens):
-        alts = [a for a in t.top if a.id != t.id]
-        if t.text.strip() and alts and alts[0].prob >= min_alt_prob:
-            out.append(k)
-    return out
-
-
 def _probe(trace: Trace, k: int, n_prompt: int, owner: int) -> Decision:
     t = trace.tokens[k]
-    alts = [a for a in t.top if a.id != t.id]
+    alts = plausible_alternatives(t, 0.0)
     return Decision(rank=0, token_index=k, position=n_prompt + k, step=owner, text=t.text, prob=t.prob,
                     entropy=t.entropy, significance=0.0, score=0.0, dependents=[], merged=0,
                     alternatives=alts[:1], branches=[], dependencies=[], confirmed=None)
@@ -139,19 +121,16 @@ def collect_one(engine: Engine, source: str, p: Problem, max_tokens: int, n_samp
     for _ in run:
         pass
     trace = run.trace
-    n_prompt, n_gen = len(run.prompt_tokens), len(trace.tokens)
-    pm = map_prompt(engine, run.prompt_tokens, trace.prompt, trace.problem)
-    content = np.concatenate([pm.in_problem, np.ones(n_gen, dtype=bool)])
-    tr = engine.tracker
-    attn, vattn = tr.attn[: max(n_gen, 1)].copy(), tr.vattn[: max(n_gen, 1)].copy()
-    sig = significance_matrix(trace, attn, vattn, content, n_prompt)
-    feats = token_features(trace, sig, attn, vattn, n_prompt) if n_gen else np.zeros((0, len(FEATURES)))
-    std, _ = find_decisions(trace, sig, n_prompt, cfg)
+    obs = Observation.from_engine(engine, trace, run.prompt_tokens)
+    n_prompt, n_gen, pm = obs.n_prompt, obs.n_gen, obs.prompt
+    feats = token_features(obs) if n_gen else np.zeros((0, len(FEATURES)))
+    std, _ = find_decisions(trace, obs.significance, n_prompt, cfg)
     chosen = {d.token_index for d in std}
-    others = [k for k in _candidates(trace, cfg.min_alt_prob) if k not in chosen]
+    # the tokens that had a plausible alternative (the candidate rule without the threshold)
+    others = [k for k, t in enumerate(trace.tokens) if is_choice(t, cfg.min_alt_prob) and k not in chosen]
     rng = random.Random(f"{seed}|{p.text}")
     sampled = sorted(rng.sample(others, min(n_sample, len(others))))
-    owner = _step_of_tokens(trace) if n_gen else []
+    owner = step_of_tokens(trace) if n_gen else []
     probes = [_probe(trace, k, n_prompt, int(owner[k])) for k in sampled]
     if std or probes:
         rollout(engine, trace, run.prompt_tokens, std + probes, cfg, run.stops)
@@ -170,7 +149,7 @@ def collect_one(engine: Engine, source: str, p: Problem, max_tokens: int, n_samp
     if trace.answer and trace.answer.confidence is not None:
         conf = trace.answer.confidence
         for d in rolled:
-            conf *= 1.0 - _risk(d)
+            conf *= 1.0 - risk(d)
     meta = meta_features(trace, std, consistency, conf if conf is not None else 0.5)
     answer = trace.answer.value if trace.answer else None
     d = trace.to_dict()
@@ -205,7 +184,7 @@ def collect(model_path: Path, items: list[tuple[str, Problem]], labels_path: Pat
     if todo:
         labels_path.parent.mkdir(parents=True, exist_ok=True)
         cfg = AnalysisConfig(rollout_total=max_tokens)
-        eng = Engine(model_path, n_ctx=2048, n_threads=n_threads, track=True, n_seq_max=1 + cfg.alternatives)
+        eng = Engine(model_path, n_ctx=2048, n_threads=n_threads, track=True, n_seq_max=cfg.n_seq_max())
         try:
             with open(labels_path, "w") as f:  # the header and the complete lines (drops a cut one)
                 f.write(json.dumps(header) + "\n")
@@ -350,7 +329,7 @@ def select_heads(scores: np.ndarray, layers: list[int], k: int, max_layers: int)
 
 
 class TorchInverse(torch.nn.Module):
-    """model.heads.InverseLayer in torch, on standardized features, batched with a key mask."""
+    """sage.heads.InverseLayer in torch, on standardized features, batched with a key mask."""
 
     def __init__(self, depth: int, d: int, mu: np.ndarray, sd: np.ndarray, seed: int) -> None:
         super().__init__()
@@ -538,12 +517,7 @@ def held_out_scores(heads: SageHeads, s: TrainSettings, examples: list[Example])
             if [t.id for t in tr.tokens] != [t.id for t in old.tokens]:
                 differ += 1  # cannot happen with greedy decoding; counted, never hidden
                 continue
-            n_prompt, n_gen = len(run.prompt_tokens), len(tr.tokens)
-            pm = map_prompt(eng, run.prompt_tokens, tr.prompt, tr.problem)
-            content = np.concatenate([pm.in_problem, np.ones(n_gen, dtype=bool)])
-            attn, vattn = eng.tracker.attn[:n_gen], eng.tracker.vattn[:n_gen]
-            sig = significance_matrix(tr, attn, vattn, content, n_prompt)
-            sc = heads.inverse(token_features(tr, sig, attn, vattn, n_prompt))
+            sc = heads.inverse(token_features(Observation.from_engine(eng, tr, run.prompt_tokens)))
             for lab in ex.labels:
                 scores.append(float(sc[lab["token"]]))
                 ys.append((lab["label"], lab["sampled"]))
@@ -556,9 +530,9 @@ def held_out_scores(heads: SageHeads, s: TrainSettings, examples: list[Example])
 
 def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None) -> TrainResult:
     """Collect labels, select heads, train both heads, evaluate on held-out problems."""
-    from model.exact import load_model
+    from sage.reference.exact import load_model
 
-    from model.engine import default_threads
+    from sage.engine import default_threads
 
     emit = on_event or (lambda kind, info: None)
     torch.set_num_threads(s.n_threads or default_threads())
@@ -597,12 +571,11 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
     emit("inverse", {})
     feats = []
     for r, e in zip(rows, tr_ex):
-        tr = e.get_trace()
-        n_prompt = len(e.prompt_tokens)
         attn, vattn = r.rows(li, weights)
-        content = np.concatenate([np.array(e.in_problem, bool), np.ones(len(tr.tokens), bool)])
-        sig = significance_matrix(tr, attn, vattn, content, n_prompt)
-        feats.append(token_features(tr, sig, attn, vattn, n_prompt))
+        # the labels file keeps which prompt tokens are the problem's, not their texts (the
+        # features do not read them)
+        prompt = PromptMap([""] * len(e.in_problem), np.array(e.in_problem, bool))
+        feats.append(token_features(Observation(e.get_trace(), len(e.prompt_tokens), prompt, attn, vattn)))
     del rows
     n_val = max(1, len(tr_ex) // 5)
     inverse, fit = train_inverse(feats, [e.labels for e in tr_ex], n_val, depth=s.depth, width=s.width,

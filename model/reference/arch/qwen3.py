@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.arch import llama
+from sage.reference.arch import llama
 
 
 @dataclass

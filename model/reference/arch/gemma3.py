@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.arch import llama
-from model.errors import SageError
+from sage.reference.arch import llama
+from sage.errors import SageError
 
 
 @dataclass

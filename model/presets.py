@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.errors import SageError
+from sage.errors import SageError
+from sage.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -73,10 +73,6 @@ class Resolved:
         return self.name if self.name in PRESETS else None
 
 
-def cache_dir() -> Path:
-    """sage's cache (assembled package models): $XDG_CACHE_HOME/sage or ~/.cache/sage."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sage"
 
 
 def _package_file(preset: Preset, assemble: bool = True) -> Path | None:

@@ -15,9 +15,9 @@ from types import ModuleType
 
 import torch
 
-from model.errors import SageError
+from sage.errors import SageError
 
-# model_type / general.architecture -> module under model.arch
+# model_type / general.architecture -> module under sage.reference.arch
 ARCHITECTURES = {
     "llama": "llama",
     "qwen2": "qwen2",
@@ -42,7 +42,7 @@ def get_arch(name: str) -> ModuleType:
                 " that stock llama.cpp cannot execute)"
             )
         raise SageError(f"unsupported architecture {name!r}{why}; supported: {supported}")
-    return importlib.import_module(f"model.arch.{module}")
+    return importlib.import_module(f"sage.reference.arch.{module}")
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

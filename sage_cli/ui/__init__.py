@@ -261,7 +261,7 @@ class BenchView:
         self.out = out
 
     def describe(self, step) -> str:
-        """What a model.bench.Step says is running, e.g. "(4) + rollouts · rep 2/2 · problem 3/5"."""
+        """What a sage.bench.Step says is running, e.g. "(4) + rollouts · rep 2/2 · problem 3/5"."""
         if step.phase == "load" and not step.config:
             return "loading the models"
         parts = [self.LABELS.get(step.config, step.config)]
@@ -272,7 +272,7 @@ class BenchView:
         return " · ".join(parts)
 
     def progress(self, total: int, header: str):
-        """Context manager yielding a step(model.bench.Step) callback: the bar says which
+        """Context manager yielding a step(sage.bench.Step) callback: the bar says which
         configuration, repetition and problem runs, under a line with `header`, and
         advances when a step is finished."""
         from contextlib import contextmanager

@@ -16,7 +16,7 @@ from rich.text import Text
 from rich.theme import Theme
 from rich.tree import Tree
 
-from sage_cli.ui import THEME, bar, console, tint
+from sage.cli.ui import THEME, bar, console, tint
 
 # styles this view needs beyond ui.THEME; pushed on top of it while printing
 TREE_THEME = Theme(

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sage_cli.ui import console
+from sage.cli.ui import console
 
 STAGES = {
     "download": "downloading from the hub",

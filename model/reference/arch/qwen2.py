@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from model.arch import llama
-from model.errors import SageError
+from sage.reference.arch import llama
+from sage.errors import SageError
 
 
 @dataclass

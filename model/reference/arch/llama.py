@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.errors import SageError
+from sage.errors import SageError
 
 # One (k, v) pair per layer, each (B, n_kv_heads, T_past, head_dim); None before the first call.
 Cache = list

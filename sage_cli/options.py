@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import functools
-import os
-import sys
-from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 
-from model.errors import SageError
-from model.trace import TraceError
+from sage.errors import SageError
+from sage.paths import sage_home  # noqa: F401  (the commands' data dir)
+from sage.trace import TraceError
 
 ModelOpt = Annotated[
     Optional[str],
@@ -26,18 +24,6 @@ ModelOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON only (no markup).")]
 
 
-def sage_home() -> Path:
-    """Where traces live: $SAGE_HOME, else the platform's user data dir."""
-    env = os.environ.get("SAGE_HOME")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "sage"
-    if os.name == "nt":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "sage"
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "sage"
-
-
 def user_errors(fn: Callable) -> Callable:
     """Turn SageError/TraceError into one line on stderr and exit code 2."""
 
@@ -46,9 +32,17 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (SageError, TraceError) as e:
-            from sage_cli.ui import error
+            from sage.cli.ui import error
 
             error(str(e))
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            from sage.cli.ui import error
+
+            # torch is the optional extra of the torch side (--exact, heads train, convert)
+            error("this needs torch, which is not installed: pip install 'sage[torch]'")
             raise typer.Exit(2) from None
 
     return wrapper

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from sage_cli.ui import console
+from sage.cli.ui import console
 
 STAGES = {
     "collect": "collecting labels",
@@ -30,7 +30,7 @@ class HeadsView:
 
     @contextmanager
     def live(self, n: int):
-        """Yields the on_event callback of model.heads_train.train."""
+        """Yields the on_event callback of sage.reference.train.train."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

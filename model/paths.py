@@ -1,0 +1,64 @@
+"""Where sage keeps its files, and the one way it writes them (a temp file and a rename).
+
+The user data dir holds traces, bench results and trained heads; the cache dir holds
+models assembled from chunk packages. platformdirs knows each platform's convention
+(XDG on Linux, ~/Library on macOS, %LOCALAPPDATA% on Windows); $SAGE_HOME overrides the
+data dir.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import platformdirs
+
+APP = "sage"
+
+
+def sage_home() -> Path:
+    """Where traces live: $SAGE_HOME, else the platform's user data dir."""
+    env = os.environ.get("SAGE_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir(APP, appauthor=False))
+
+
+def heads_dir() -> Path:
+    """Where `sage heads train` writes sidecars and labels by default."""
+    return sage_home() / "heads"
+
+
+def cache_dir() -> Path:
+    """sage's cache (models assembled from chunk packages): the platform's user cache dir
+    ($XDG_CACHE_HOME/sage or ~/.cache/sage on Linux)."""
+    return Path(platformdirs.user_cache_dir(APP, appauthor=False))
+
+
+def temp_beside(final: Path) -> Path:
+    """A hidden temp name in the same directory as `final`, so the rename is atomic."""
+    return final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yields a temp path to write; renamed to `final` when the block succeeds, removed
+    when it raises (an error or Ctrl-C never leaves half a file). The file gets the
+    user's umask like any file they write (not mkstemp's 0600)."""
+    final = Path(final)
+    tmp = temp_beside(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
