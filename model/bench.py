@@ -385,7 +385,7 @@ def run_bench(
     """Run every configuration `reps` times, interleaved; returns the raw runs. on_step
     gets every Step as it starts and as it is finished."""
     if reps < 1:
-        raise SageError("--reps must be at least 1")
+        raise SageError("the bench needs at least 1 repetition")
     n = len(problems)
 
     def step(config: str, rep: int, problem: int, phase: str, done: bool = False) -> None:

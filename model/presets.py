@@ -206,7 +206,7 @@ def resolve_model(spec: str | None) -> Resolved:
     """Turn a --model value into a local GGUF path (downloading hub presets if needed)."""
     spec = (spec or DEFAULT_MODEL).strip()
     if not spec:
-        raise SageError("--model is empty")
+        raise SageError("the model name is empty")
     if spec.startswith("hf:"):
         repo, filename = _hub_parts(spec)
         return Resolved(hub_download(repo, filename, spec), spec)

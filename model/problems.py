@@ -99,7 +99,7 @@ def problem_set(spec: str | None, n: int, seed: int = 0) -> tuple[str, list[Prob
     ../shared/data), or 'arithmetic' (generated)."""
     spec = spec or "gsm8k"
     if n < 1:
-        raise SageError("--n must be at least 1")
+        raise SageError("a problem set needs at least 1 problem")
     if spec == "arithmetic":
         return f"arithmetic (seed {seed})", arithmetic_problems(n, seed)
     if spec in ("gsm8k", "aqua"):

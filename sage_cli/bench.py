@@ -65,8 +65,9 @@ def bench(
     from sage.presets import resolve_model
     from sage.cli.ui import BenchView
 
-    if max_tokens < 1:
-        raise SageError("--max-tokens must be at least 1")
+    for name, v in (("--max-tokens", max_tokens), ("--n", n), ("--reps", reps)):
+        if v < 1:
+            raise SageError(f"{name} must be at least 1")
     label, probs = problem_set(problems, n, seed)
     resolved = resolve_model(model)
     from sage.engine import check_gguf_file

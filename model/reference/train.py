@@ -55,9 +55,9 @@ def training_problems(n: int, seed: int, holdout: float) -> tuple[list[tuple[str
     half generated arithmetic problems, split by a seeded shuffle; each item is
     (source, problem)."""
     if n < 4:
-        raise SageError("--n must be at least 4 (some to train on, some held out)")
+        raise SageError("training needs at least 4 problems (some to train on, some held out)")
     if not 0.0 < holdout < 1.0:
-        raise SageError("--holdout must be between 0 and 1")
+        raise SageError("the held-out share must be between 0 and 1")
     data = default_data_dir()
     if data is None or not (data / "gsm8k_train.jsonl").is_file():
         raise SageError("training needs shared/data/gsm8k_train.jsonl beside the checkout (or $SAGE_DATA)")
