@@ -333,6 +333,43 @@ def run_in_subprocess(config: str, s: BenchSettings, problems: list[Problem], wa
     return Run(**result)
 
 
+# --- decoding many sequences at once ---------------------------------------------------------
+
+SEQUENCES = (1, 4, 8, 16)
+
+
+def multi_sequence_throughput(
+    model_path: str | Path, n_threads: int | None = None, sequences: tuple[int, ...] = SEQUENCES,
+    prefix_tokens: int = 150, steps: int = 32, reps: int = 2,
+) -> dict[str, float]:
+    """Aggregate decode tokens/s with B sequences that share a prefix's KV cells, one token
+    each per llama_decode (as batched rollouts decode), greedy; the best of `reps`, by B."""
+    import numpy as np
+
+    from sage.engine import Engine
+
+    text = "Question: A farmer has 17 sheep and buys 5 more, then sells 8. How many are left? " * 16
+    out: dict[str, float] = {}
+    with Engine(model_path, n_ctx=prefix_tokens + max(sequences) * steps + 8, n_threads=n_threads,
+                n_seq_max=max(sequences) + 1) as eng:
+        prefix = eng.tokenize(text)[:prefix_tokens]
+        for b in sequences:
+            best = 0.0
+            for _ in range(reps):
+                eng.reset()
+                eng.decode(prefix, 0)
+                for seq in range(1, b + 1):
+                    eng.seq_copy(0, seq, 0, len(prefix))
+                toks = [int(np.argmax(eng.logits()))] * b
+                t0 = time.perf_counter()
+                for k in range(steps):
+                    eng.decode_batch([(toks[i], len(prefix) + k, i + 1) for i in range(b)])
+                    toks = [int(np.argmax(eng.logits(i))) for i in range(b)]
+                best = max(best, b * steps / (time.perf_counter() - t0))
+            out[str(b)] = best
+    return out
+
+
 # --- the whole bench ---------------------------------------------------------------------------
 
 

@@ -95,6 +95,15 @@ def bench(
     else:
         runs = run_bench(settings, probs, reps=reps, mem=mem, configs=configs)
     table = summarize(runs, probs, mem)
+    sequences = None
+    if not accuracy:  # what batched rollouts and branch sampling get from this machine
+        from sage.bench import multi_sequence_throughput
+
+        if view:
+            with view.status("decoding 1, 4, 8 and 16 sequences at once"):
+                sequences = multi_sequence_throughput(resolved.path)
+        else:
+            sequences = multi_sequence_throughput(resolved.path)
     result = {
         "model": resolved.name,
         "model_path": str(resolved.path),
@@ -105,6 +114,7 @@ def bench(
         "mem": mem,
         "heads": str(sidecar) if sidecar else "analytic (built in)",
         "configs": table,
+        "sequences_tokens_per_s": sequences,
         "paper": PAPER,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000"),
     }

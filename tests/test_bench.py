@@ -107,6 +107,15 @@ def test_short_bench_every_configuration():
         assert math.isfinite(row["time_overhead_vs_forward"]) and math.isfinite(row["time_overhead_vs_llama"])
     saved = list((Path(os.environ["SAGE_HOME"]) / "bench").glob("*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["configs"].keys() == res["configs"].keys()
+    seqs = res["sequences_tokens_per_s"]  # this machine's decode throughput with several sequences
+    assert list(seqs) == ["1", "4", "8", "16"] and all(_positive_finite(v) for v in seqs.values())
+
+
+def test_multi_sequence_throughput(smollm2_path):
+    from sage.bench import multi_sequence_throughput
+
+    got = multi_sequence_throughput(smollm2_path, n_threads=1, sequences=(1, 3), prefix_tokens=20, steps=3, reps=1)
+    assert list(got) == ["1", "3"] and all(_positive_finite(v) for v in got.values())
 
 
 @pytest.mark.slow
@@ -124,7 +133,7 @@ def test_short_bench_memory():
 def test_accuracy_mode():
     res = _bench("--accuracy", "--heads", "none")
     assert res["heads"] == "analytic (built in)"
-    assert list(res["configs"]) == ["forward", "rollouts"]
+    assert list(res["configs"]) == ["forward", "rollouts"] and res["sequences_tokens_per_s"] is None
     row = res["configs"]["rollouts"]
     assert 0 <= row["accuracy"] <= 1 and 0 <= row["vote_accuracy"] <= 1
     assert row["vote_tokens_per_problem"] >= row["tokens_per_problem"]

@@ -271,6 +271,10 @@ class BenchView:
         parts.append(phase.get(step.phase, f"problem {step.problem}/{step.n}"))
         return " · ".join(parts)
 
+    def status(self, what: str):
+        """A spinner while something without steps runs."""
+        return self.out.status(Text(what), spinner="dots")
+
     def progress(self, total: int, header: str):
         """Context manager yielding a step(sage.bench.Step) callback: the bar says which
         configuration, repetition and problem runs, under a line with `header`, and
@@ -329,6 +333,13 @@ class BenchView:
             cells.append(acc)
             table.add_row(*cells)
         self.out.print(table)
+        seqs = r.get("sequences_tokens_per_s")
+        if seqs:
+            one = seqs.get("1")
+            self.out.print(Text(
+                "decoding sequences at once (shared prefix, one token each per decode): "
+                + ", ".join(f"{b}: {v:.0f} tok/s" + (f" (×{v / one:.2f})" if one and b != "1" else "")
+                            for b, v in seqs.items()), style="dim"))
         paper = r["paper"]
         self.out.print(Text(
             f"paper (SAGE-nano): inverse reasoning costs {paper['time_overhead'] * 100:.0f} % time, "
