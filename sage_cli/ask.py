@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from sage.cli.options import JsonOpt, ModelOpt, sage_home, user_errors
+from sage.cli.options import JsonOpt, ModelOpt, user_errors
+from sage.paths import sage_home
 
 T_IMPORT = time.time()  # fallback start time where /proc is not available
 

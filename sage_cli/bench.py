@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from sage.cli.options import JsonOpt, ModelOpt, sage_home, user_errors
+from sage.cli.options import JsonOpt, ModelOpt, user_errors
+from sage.paths import sage_home
 
 
 @user_errors
@@ -50,9 +51,11 @@ def bench(
     the user data dir in bench/. The progress bar names the configuration, repetition
     and problem that runs.
 
+    Then it measures the aggregate decode throughput of 1, 4, 8 and 16 sequences at once.
+
     Cost: the defaults (2 GSM8K problems, 2 reps, at most 160 tokens) take about 1 min
-    45 s with --mem and 1 min 40 s without on the embedded model on 2 CPU cores, more
-    than half of it in (4) (about 12 s a problem against 2 s for each other
+    50 s with --mem and 1 min 45 s without on the embedded model on 2 CPU cores, more
+    than half of it in (4) (about 11-12 s a problem against 2 s for each other
     configuration); every further problem adds about 20 s per rep. A machine shared
     with another CPU-heavy job can make it several times slower.
 

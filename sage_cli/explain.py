@@ -15,6 +15,7 @@ from sage.errors import SageError
 from sage.paths import write_text_atomic
 from sage.cli.options import user_errors
 
+
 def _check_target(path: Path, force: bool) -> None:
     if path.is_dir():
         raise SageError(f"{path} is a directory; give a file name")

@@ -155,7 +155,7 @@ def show(
             raise SageError(f"no heads sidecar for {resolved.name}: `sage ask` uses the built-in analytic heads; "
                             "train some with `sage heads train`")
     else:
-        sidecar = resolve_heads(sidecar, Path(), None)
+        sidecar = resolve_heads(sidecar)
     heads = SageHeads.load(sidecar)
     if json_out:
         print(json.dumps(HeadsView.summary(heads, sidecar)))

@@ -1,4 +1,4 @@
-"""Shared option aliases, the user data dir, and the user-error boundary of every command."""
+"""Shared option aliases and the user-error boundary of every command."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from sage.errors import SageError
-from sage.paths import sage_home  # noqa: F401  (the commands' data dir)
 from sage.trace import TraceError
 
 ModelOpt = Annotated[
