@@ -42,7 +42,7 @@ class Asking:
         max_tokens: int = 512,
         temperature: float = 0.0,
         seed: int = 0,
-        ctx: int = 4096,
+        ctx: int = 8192,
         threads: int | None = None,
         track: bool = True,
         threshold: float | None = None,
@@ -51,12 +51,20 @@ class Asking:
         heads: str | Path | None = None,
         exact: bool = False,
         t_start: float | None = None,
+        budget: int | None = None,
+        samples: int = 16,
+        sample_temperature: float | None = None,
+        sample_top_p: float | None = None,
+        sample_top_k: int | None = None,
     ) -> None:
         """model: a .gguf path, a preset name or hf:ORG/REPO/FILE.gguf (default: the
         embedded SmolLM2). heads: a sidecar path, "none" for the analytic heads, or None
         to look one up as `sage ask` does. threshold: on normalized significance with
         analytic heads, on the decision score with trained heads (default: the sidecar's
-        own). exact: decision points from exact eq. 7 on the torch reference model."""
+        own). exact: decision points from exact eq. 7 on the torch reference model.
+        budget: tokens for the sampled outcome distributions (None: the default, 0: none);
+        samples: most samples per distribution; sample_*: how they are drawn (default:
+        the preset's recommended sampling, else temperature 1)."""
         # llama.cpp is imported here, not with the module: `sage explain` uses this module
         from sage.engine import Engine
         from sage.heads import SageHeads, resolve_heads
@@ -67,9 +75,22 @@ class Asking:
         check_problem(problem)
         if exact and not track:
             raise SageError("exact significance is part of the inverse analysis, which needs tracking")
-        self.cfg = AnalysisConfig(max_decisions=max_decisions, alternatives=alternatives)
+        from sage.inverse.sampler import SamplingSettings
+
+        self.cfg = AnalysisConfig(max_decisions=max_decisions, alternatives=alternatives, budget=budget,
+                                  samples=samples)
         self.exact = exact
         self.resolved: Resolved = resolve_model(None if model is None else str(model))
+        from sage.presets import PRESETS
+
+        rec = PRESETS[self.resolved.preset].sampling if self.resolved.preset is not None else None
+        t, k, p = rec or (1.0, 0, 1.0)
+        self.cfg.sampling = SamplingSettings(
+            temperature=t if sample_temperature is None else sample_temperature,
+            top_k=k if sample_top_k is None else sample_top_k,
+            top_p=p if sample_top_p is None else sample_top_p,
+            seed=seed,
+        )
         self.heads = None
         if track:
             where = resolve_heads(heads, self.resolved.path, self.resolved.preset)
@@ -113,10 +134,11 @@ class Asking:
     def __iter__(self) -> Iterator[TokenRecord]:
         return iter(self.run)
 
-    def analyze(self) -> Trace:
-        """The inverse analysis of the finished chain (with tracking; a no-op without)."""
+    def analyze(self, on_progress=None) -> Trace:
+        """The inverse analysis of the finished chain (with tracking; a no-op without).
+        on_progress(samples, tokens, budget) while outcome distributions are sampled."""
         if self.track:
-            self.run.analyze(self.exact)
+            self.run.analyze(self.exact, on_progress=on_progress)
         return self.run.trace
 
     def interrupted(self) -> Trace:

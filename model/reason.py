@@ -189,13 +189,14 @@ class ReasonRun:
             raise
         self._finish(self.generation.finish_reason or "length")
 
-    def analyze(self, exact: bool = False) -> Trace:
+    def analyze(self, exact: bool = False, on_progress=None) -> Trace:
         """Inverse analysis of the finished chain (needs a tracking engine).
 
         exact: decision points from exact eq. 7 (sage.reference.exact: the torch reference
         model of the same GGUF, a backward pass per step) instead of the tracker's proxy;
         the proxy's agreement with it (mean per-step Spearman) and its time go to
-        Analysis.exact. Imports torch."""
+        Analysis.exact. Imports torch. on_progress(samples, tokens, budget) while the
+        outcome distributions are sampled."""
         from sage.inverse import AnalysisConfig, analyze
 
         if self.engine.tracker is None or self.trace.finish_reason == "interrupted" or not self.trace.tokens:
@@ -218,6 +219,7 @@ class ReasonRun:
             self.analysis_config or AnalysisConfig(),
             self.stops,
             significance=sig,
+            on_progress=on_progress,
         )
         if exact:
             analysis.proxy, analysis.exact = method, facts

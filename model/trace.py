@@ -17,7 +17,10 @@ from typing import Any
 from sage.paths import write_text_atomic
 
 SCHEMA_NAME = "sage.trace"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# versions load_trace still reads (version 2: one greedy rollout per alternative, no
+# outcome distributions; its analyses load with outcomes None)
+READABLE_VERSIONS = (2, 3)
 
 
 class TraceError(ValueError):
@@ -70,9 +73,61 @@ class Answer:
 
 
 @dataclass
+class AnswerCount:
+    value: str  # normalized answer
+    n: int  # samples that reached it
+
+
+@dataclass
+class Outcome:
+    """The outcome distribution of a branch: the final answers of `n` continuations
+    sampled from the model itself after a prefix of the chain (plus a forced token)."""
+
+    prefix: int  # generated tokens of the chain before the branch
+    forced: int | None  # the token put after the prefix (None: the model samples from there)
+    answers: list[AnswerCount]  # most frequent first
+    none: int  # samples that gave no answer
+    n: int  # samples
+    tokens: int  # tokens decoded for them (forced tokens included)
+    stop: str  # "settled" (the stopping rule), "max" (most samples), "budget"
+    leader: str | None  # the most frequent answer (None: "no answer" leads or no samples)
+    share: float  # its share of the n samples
+    interval: list[float]  # 90 % Wilson interval of that share
+    example: str  # one sample's continuation text (the first)
+
+    def count(self, value: str | None) -> int:
+        if value is None:
+            return self.none
+        return next((a.n for a in self.answers if a.value == value), 0)
+
+    def share_of(self, value: str | None) -> float:
+        return self.count(value) / self.n if self.n else 0.0
+
+
+@dataclass
+class Outcomes:
+    """The sampled analysis of a chain: how the answer distribution moves along it."""
+
+    sampling: dict[str, Any]  # temperature, top_k, top_p, seed of the samples
+    rule: str  # the sequential stopping rule, in words
+    budget: int  # tokens allowed
+    spent: int  # tokens decoded
+    start: Outcome | None  # from the prompt alone: self-consistency
+    steps: list[Outcome | None]  # after each step of the chain (None: not sampled, budget)
+    movement: list[float | None]  # total-variation distance of step i's distribution from the last sampled one before it
+    movement_p: list[float | None]  # permutation p-value of that distance (small: not chance)
+    anchors: list[int]  # steps where the distribution moved most
+    proposed: int  # candidate tokens the heads and the entropy proposed in the anchor steps
+    measured: int  # of those, how many got outcome distributions
+    vote: str | None  # the majority answer at the start (None: no answer leads)
+    parallel: int  # sequences decoded together
+
+
+@dataclass
 class Branch:
-    """A counterfactual rollout: the alternative token forced at a decision point, then
-    decoding continued from the shared KV prefix until the model stopped."""
+    """An alternative token at a decision point: forced after the chain's prefix, then
+    continuations sampled from the model (its outcome distribution; schema 2: one greedy
+    rollout)."""
 
     token_id: int
     token_text: str
@@ -84,6 +139,7 @@ class Branch:
     n_tokens: int
     finish_reason: str  # "stop" | "length" | "context"
     mean_logprob: float  # mean log-probability of the branch's own generated tokens
+    outcome: Outcome | None = None  # its sampled outcome distribution (text etc. are its example's)
 
 
 @dataclass
@@ -112,7 +168,13 @@ class Decision:
     alternatives: list[Alternative]  # the 5 most probable tokens other than the chosen one
     branches: list[Branch]  # rollouts of the strongest alternatives
     dependencies: list[Dependency]  # what the dependent steps attended to most
-    confirmed: bool | None  # a rollout changed the answer (None: nothing rolled out)
+    confirmed: bool | None  # the fork was measured and is one (None: nothing measured)
+    # with sampled outcomes: the chosen token's outcome distribution, and the fork score
+    # (probability-weighted total-variation distance of the alternatives' distributions
+    # from it, DESIGN.md); None when not measured or in schema-2 traces
+    outcome: Outcome | None = None
+    fork: float | None = None
+    fork_p: float | None = None  # permutation p-value: chosen vs the alternatives' samples pooled
 
 
 @dataclass
@@ -147,6 +209,7 @@ class Analysis:
     # proxy against it; None where undefined) and its times exact_s, forward_s,
     # backward_s, load_s. None otherwise, and in traces made before it existed.
     exact: dict[str, float | None] | None = None
+    outcomes: Outcomes | None = None  # sampled outcome distributions (schema 3)
 
 
 @dataclass
@@ -216,19 +279,31 @@ class Trace:
         )
 
 
+def _outcome(o: dict[str, Any] | None) -> Outcome | None:
+    if o is None:
+        return None
+    return Outcome(**{**o, "answers": [AnswerCount(**x) for x in o["answers"]]})
+
+
 def _analysis_from_dict(a: dict[str, Any]) -> Analysis:
     decisions = [
         Decision(
             **{
                 **dd,
                 "alternatives": [Alternative(**x) for x in dd["alternatives"]],
-                "branches": [Branch(**b) for b in dd["branches"]],
+                "branches": [Branch(**{**b, "outcome": _outcome(b.get("outcome"))}) for b in dd["branches"]],
                 "dependencies": [Dependency(**x) for x in dd["dependencies"]],
+                "outcome": _outcome(dd.get("outcome")),
             }
         )
         for dd in a["decisions"]
     ]
-    return Analysis(**{**a, "decisions": decisions, "explanation": Explanation(**a["explanation"])})
+    outcomes = None
+    if a.get("outcomes") is not None:
+        o = a["outcomes"]
+        outcomes = Outcomes(**{**o, "start": _outcome(o["start"]), "steps": [_outcome(x) for x in o["steps"]]})
+    return Analysis(**{**a, "decisions": decisions, "explanation": Explanation(**a["explanation"]),
+                       "outcomes": outcomes})
 
 
 # --- schema ------------------------------------------------------------------------
@@ -244,6 +319,40 @@ def _obj(props: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[
 
 
 _alt = _obj({"id": _int, "text": _str, "prob": _num})
+_opt_num = {"type": ["number", "null"]}
+OUTCOME_SCHEMA: dict[str, Any] = _obj(
+    {
+        "prefix": _int,
+        "forced": {"type": ["integer", "null"]},
+        "answers": {"type": "array", "items": _obj({"value": _str, "n": _int})},
+        "none": _int,
+        "n": _int,
+        "tokens": _int,
+        "stop": {"enum": ["settled", "max", "budget"]},
+        "leader": {"type": ["string", "null"]},
+        "share": _num,
+        "interval": {"type": "array", "items": _num, "minItems": 2, "maxItems": 2},
+        "example": _str,
+    }
+)
+_opt_outcome = {"anyOf": [{"type": "null"}, OUTCOME_SCHEMA]}
+OUTCOMES_SCHEMA: dict[str, Any] = _obj(
+    {
+        "sampling": {"type": "object"},
+        "rule": _str,
+        "budget": _int,
+        "spent": _int,
+        "start": _opt_outcome,
+        "steps": {"type": "array", "items": _opt_outcome},
+        "movement": {"type": "array", "items": _opt_num},
+        "movement_p": {"type": "array", "items": _opt_num},
+        "anchors": {"type": "array", "items": _int},
+        "proposed": _int,
+        "measured": _int,
+        "vote": {"type": ["string", "null"]},
+        "parallel": _int,
+    }
+)
 _strs = {"type": "array", "items": _str}
 _ints = {"type": "array", "items": _int}
 EXACT_SCHEMA: dict[str, Any] = {
@@ -290,7 +399,8 @@ ANALYSIS_SCHEMA: dict[str, Any] = _obj(
                                 "n_tokens": _int,
                                 "finish_reason": {"enum": ["stop", "length", "context"]},
                                 "mean_logprob": _num,
-                            }
+                            },
+                            optional={"outcome": _opt_outcome},
                         ),
                     },
                     "dependencies": {
@@ -300,7 +410,8 @@ ANALYSIS_SCHEMA: dict[str, Any] = _obj(
                         ),
                     },
                     "confirmed": {"type": ["boolean", "null"]},
-                }
+                },
+                optional={"outcome": _opt_outcome, "fork": _opt_num, "fork_p": _opt_num},
             ),
         },
         "consistency": {"type": ["number", "null"]},
@@ -313,13 +424,14 @@ ANALYSIS_SCHEMA: dict[str, Any] = _obj(
         "timings": {"type": "object", "additionalProperties": _num},
     },
     # optional, so that traces from before `--exact` still load
-    optional={"exact": {"anyOf": [{"type": "null"}, EXACT_SCHEMA]}},
+    optional={"exact": {"anyOf": [{"type": "null"}, EXACT_SCHEMA]},
+              "outcomes": {"anyOf": [{"type": "null"}, OUTCOMES_SCHEMA]}},
 )
 
 TRACE_SCHEMA: dict[str, Any] = _obj(
     {
         "schema": {"const": SCHEMA_NAME},
-        "version": {"const": SCHEMA_VERSION},
+        "version": {"enum": list(READABLE_VERSIONS)},
         "problem": _str,
         "prompt": _str,
         "prompt_tokens": _int,
@@ -441,10 +553,10 @@ def load_trace(path: Path) -> Trace:
         raise TraceError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA_NAME:
         raise TraceError(f"{path} is not a sage trace")
-    if data.get("version") != SCHEMA_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise TraceError(
             f"{path} is a sage trace of version {data.get('version')!r}; "
-            f"this sage reads version {SCHEMA_VERSION}"
+            f"this sage reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     try:
         return Trace.from_dict(data)

@@ -22,8 +22,8 @@ def ask(
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (with --temperature > 0).")] = 0,
     ctx: Annotated[
-        int, typer.Option("--ctx", help="Context size in tokens (the chain and its rollouts share it).")
-    ] = 4096,
+        int, typer.Option("--ctx", help="Context size in tokens (the chain and the samples decoded with it share it).")
+    ] = 8192,
     threads: Annotated[
         Optional[int],
         typer.Option("--threads", envvar="SAGE_THREADS", help="CPU threads (default: all, up to 8).", show_default=False),
@@ -41,8 +41,27 @@ def ask(
     ] = None,
     max_decisions: Annotated[int, typer.Option("--max-decisions", help="Most decision points to keep.")] = 3,
     alternatives: Annotated[
-        int, typer.Option("--alternatives", help="Alternatives rolled out per decision point (0-5).")
+        int, typer.Option("--alternatives", help="Alternatives sampled per candidate token (0-5).")
     ] = 2,
+    budget: Annotated[
+        Optional[int],
+        typer.Option("--budget", help="Tokens to spend sampling outcome distributions (default 6000: about a "
+                     "minute on 2 cores with the embedded model); 0: none, the heads' proposals only.",
+                     show_default=False),
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Most samples per outcome distribution.")] = 16,
+    vote: Annotated[bool, typer.Option("--vote", help="Also print the most frequent answer of the samples.")] = False,
+    sample_temperature: Annotated[
+        Optional[float],
+        typer.Option("--sample-temperature", help="Temperature of the samples (default: the preset's "
+                     "recommended sampling, else 1).", show_default=False),
+    ] = None,
+    sample_top_p: Annotated[
+        Optional[float], typer.Option("--sample-top-p", help="Nucleus (top-p) of the samples.", show_default=False)
+    ] = None,
+    sample_top_k: Annotated[
+        Optional[int], typer.Option("--sample-top-k", help="Top-k of the samples (0: all).", show_default=False)
+    ] = None,
     heads: Annotated[
         Optional[str],
         typer.Option(
@@ -64,9 +83,11 @@ def ask(
     """Reason step by step about a problem, with each token tinted by the model's certainty.
 
     With tracking (the default) sage then looks back over the chain: significance of
-    earlier tokens for each step (SAGE-nano eq. 7), decision points, the alternatives
-    the model had there and where the strongest lead when rolled out, confidence,
-    consistency and an explanation. --exact computes the significance with true
+    earlier tokens for each step (SAGE-nano eq. 7), then outcome distributions sampled
+    from the model itself within --budget tokens: from the problem alone (the answer's
+    confidence: the share of samples that reach it), after every step (where the answer
+    moves), and at the candidate tokens of the steps where it moved, for the chosen token
+    and its alternatives (the fork score); then an explanation from those numbers. --exact computes the significance with true
     gradients (a forward and a backward pass per step on the torch model) instead of
     the fast proxy. The trace is saved under the user data dir
     ($SAGE_HOME overrides) as last.json; `sage explain --tree` shows it as a tree.
@@ -95,11 +116,22 @@ def ask(
         raise SageError("--max-decisions must be >= 0")
     if not 0 <= alternatives <= 5:
         raise SageError("--alternatives must be between 0 and 5")
+    if budget is not None and budget < 0:
+        raise SageError("--budget must be >= 0 tokens")
+    if not 1 <= samples <= 256:
+        raise SageError("--samples must be between 1 and 256")
+    if sample_temperature is not None and not 0 <= sample_temperature <= 10:
+        raise SageError("--sample-temperature must be between 0 and 10")
+    if sample_top_p is not None and not 0 < sample_top_p <= 1:
+        raise SageError("--sample-top-p must be in (0, 1]")
+    if sample_top_k is not None and sample_top_k < 0:
+        raise SageError("--sample-top-k must be >= 0")
     t_start = process_start_time() or T_IMPORT
     run = Asking(
         problem, model, max_tokens=max_tokens, temperature=temperature, seed=seed, ctx=ctx, threads=threads,
         track=track, threshold=threshold, max_decisions=max_decisions, alternatives=alternatives, heads=heads,
-        exact=exact, t_start=t_start,
+        exact=exact, t_start=t_start, budget=budget, samples=samples, sample_temperature=sample_temperature,
+        sample_top_p=sample_top_p, sample_top_k=sample_top_k,
     )
     view = None if json_out else AskView()
     try:
@@ -109,8 +141,8 @@ def ask(
             if view:
                 view.token(rec.text, rec.prob)
         if track and view:
-            with view.analyzing(max_decisions, alternatives, exact):
-                run.analyze()
+            with view.analyzing(run.cfg.budget_tokens(), exact) as progress:
+                run.analyze(on_progress=progress)
         else:
             run.analyze()
     except KeyboardInterrupt:
@@ -124,4 +156,4 @@ def ask(
     if json_out:
         print(json.dumps(run.trace.to_dict(), ensure_ascii=False))
     else:
-        view.summary(run.trace, saved)
+        view.summary(run.trace, saved, vote=vote)

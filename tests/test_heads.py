@@ -51,7 +51,7 @@ def test_engine_with_analytic_heads_matches_builtin(smollm2_path, engine):
     layers = [15, 20, 24, 29]
     assert all(il in full for il in layers)
     heads = SageHeads.analytic(fingerprint(engine), "smollm2", layers, engine.n_head)
-    cfg = AnalysisConfig(max_decisions=2, alternatives=1, rollout_tokens=24)
+    cfg = AnalysisConfig(max_decisions=2, alternatives=1, rollout_tokens=24, method="greedy")
     with Engine(smollm2_path, n_ctx=1024, track=True, n_seq_max=3, heads=heads) as a, \
             Engine(smollm2_path, n_ctx=1024, track=True, n_seq_max=3) as b:
         ta = reason(a, PROBLEM, max_tokens=80, analysis=cfg)

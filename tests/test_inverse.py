@@ -12,7 +12,7 @@ from sage.reason import reason
 from sage.trace import TRACE_SCHEMA, load_trace, save_trace, validate
 
 PROBLEM = "Tom has 3 boxes with 12 eggs in each box. He uses 7 eggs. How many eggs are left?"
-CFG = AnalysisConfig(max_decisions=2, alternatives=2, rollout_tokens=48)
+CFG = AnalysisConfig(max_decisions=2, alternatives=2, rollout_tokens=48, method="greedy")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_rollouts_are_token_identical_to_fresh_decodes(analyzed, smollm2_path):
 def test_batched_rollouts(tracked):
     """All branches of a decision in one llama_decode per token: same structure, and the
     first (forced) token of every branch is the alternative."""
-    cfg = AnalysisConfig(max_decisions=2, alternatives=2, rollout_tokens=48, batch_rollouts=True)
+    cfg = AnalysisConfig(max_decisions=2, alternatives=2, rollout_tokens=48, batch_rollouts=True, method="greedy")
     tr = reason(tracked, PROBLEM, max_tokens=120, analysis=cfg)
     for d in tr.analysis.decisions:
         assert [b.token_id for b in d.branches] == [a.id for a in d.alternatives[: len(d.branches)]]
@@ -143,7 +143,7 @@ def test_same_seed_same_trace(tracked, analyzed):
 
 
 def test_no_decisions_below_impossible_threshold(tracked):
-    tr = reason(tracked, "What is 2 + 2?", max_tokens=40, analysis=AnalysisConfig(threshold=1.01))
+    tr = reason(tracked, "What is 2 + 2?", max_tokens=40, analysis=AnalysisConfig(threshold=1.01, method="greedy"))
     assert tr.analysis.decisions == [] and tr.analysis.consistency is None
     assert "no decision points" in tr.analysis.explanation.justification[0]
 

@@ -6,12 +6,18 @@ and the attention rows the tracker recorded during generation. The stages, one m
 
 1. `observe`: the prompt map, content mask and tracker rows of the chain, and from them
    the significance (paper eq. 7) of every earlier token for every step, normalized per step;
-2. `decisions`: generated tokens at or above the threshold, merged per step, ranked by
-   significance x (1 - p(chosen)) (or by the trained heads' decision score);
-3. `rollout`: the strongest alternatives at each decision point are forced on a copy of
-   the KV sequence (shared prefix, never re-evaluated) and decoded to an answer;
-4. `explain`: confidence, consistency (share of decision points the rollouts confirm;
-   below 0.8 the ranking is refined by the counterfactual evidence), and the explanation.
+2. `decisions`: the proposal score of every generated token: significance x (1 - p(chosen))
+   (analytic heads) or the trained heads' decision score;
+3. `forks` (with `sampler`, `outcomes`): outcome distributions sampled from the model
+   itself, coarse to fine on a token budget: from the prompt (self-consistency, the
+   answer's confidence), after every step (the anchor steps: where the distribution
+   moves), then at the proposed candidates of the anchor steps, for the chosen token and
+   its alternatives (the fork score). The decision points are the measured candidates;
+4. `explain`: the explanation, each sentence from a number in the trace.
+
+`AnalysisConfig(method="greedy")` is the earlier analysis (schema 2): the top-threshold
+tokens, one greedy rollout per alternative (`rollout`), consistency and refinement. It
+stays for `sage heads train`'s labels and the token-identity tests of KV branching.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import numpy as np
 from sage.heads import SageHeads
 from sage.inverse.config import CONSISTENCY_TARGET, PROXY, AnalysisConfig
 from sage.inverse.decisions import dependencies_of, find_decisions, token_features
-from sage.inverse.explain import explain, meta_features, risk
-from sage.inverse.observe import Observation, map_prompt
+from sage.inverse.explain import explain, explain_sampled, meta_features, risk
+from sage.inverse.forks import branch_of, forks_score, sampled_analysis
+from sage.inverse.observe import Observation, map_prompt, step_of_tokens
 from sage.inverse.rollout import rollout
-from sage.trace import Analysis, Trace
+from sage.trace import Analysis, Decision, Trace
 
 
 def analyze(
@@ -36,11 +43,13 @@ def analyze(
     cfg: AnalysisConfig | None = None,
     stops: tuple[str, ...] = (),
     significance: np.ndarray | None = None,
+    on_progress=None,
 ) -> Analysis:
     """Inverse analysis of a finished trace generated on `engine` with tracking on.
 
     significance: (n_steps, n_prompt + n_gen) normalized eq. 7 significance to use in
-    place of the proxy from the tracker rows (exact eq. 7 with `sage ask --exact`)."""
+    place of the proxy from the tracker rows (exact eq. 7 with `sage ask --exact`).
+    on_progress(samples_done, tokens_spent, budget) while the outcome distributions are sampled."""
     cfg = cfg or AnalysisConfig()
     tr = engine.tracker
     if tr is None:
@@ -54,6 +63,8 @@ def analyze(
         if sig.shape != (len(trace.steps), obs.n_pos):
             raise ValueError(f"significance of shape {sig.shape} does not fit the trace")
     heads: SageHeads | None = engine.heads
+    if cfg.method != "greedy":
+        return _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_progress)
     if heads is not None and heads.trained:
         scores = heads.inverse(token_features(obs, sig))
         cand_threshold = heads.threshold if cfg.score_threshold is None else cfg.score_threshold
@@ -112,6 +123,81 @@ def analyze(
         explanation=explain(trace, decisions, consistency, answer_conf, trained=heads is not None and heads.trained),
         timings=timings,
     )
+
+
+def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_progress) -> Analysis:
+    """The sampled analysis (module docstring, stage 3)."""
+    tr = engine.tracker
+    n_prompt, n_gen = obs.n_prompt, len(trace.tokens)
+    trained = heads is not None and heads.trained
+    gen_sig = sig[:, n_prompt : n_prompt + n_gen]
+    best = gen_sig.max(axis=0) if len(trace.steps) else np.zeros(n_gen)
+    if trained:
+        proposal = np.asarray(heads.inverse(token_features(obs, sig)), dtype=np.float64)
+        cand_threshold = heads.threshold if cfg.score_threshold is None else cfg.score_threshold
+    else:
+        proposal = best * (1.0 - np.array([t.prob for t in trace.tokens]))
+        cand_threshold = cfg.threshold
+    timings = {"significance_s": time.time() - t0}
+    budget = cfg.budget_tokens()
+    outcomes, measured, forks = None, {}, {}
+    if budget > 0 and trace.steps:
+        progress = (lambda n, spent: on_progress(n, spent, budget)) if on_progress else None
+        outcomes, measured, st = sampled_analysis(engine, trace, prompt_tokens, cfg, proposal, stops, progress)
+        timings.update(st)
+        forks = forks_score(measured)
+        decisions, n_cands = _measured_decisions(trace, obs, cfg, gen_sig, best, proposal, measured, forks)
+    else:
+        # nothing sampled: the proposals, unmeasured
+        decisions, n_cands = find_decisions(trace, sig, n_prompt, cfg, proposal if trained else None,
+                                            cand_threshold, trained=trained)
+        for d in decisions:
+            d.dependencies = dependencies_of(d.token_index, obs)
+    answer_conf = None
+    value = trace.answer.value if trace.answer else None
+    if outcomes is not None and outcomes.start is not None and value is not None:
+        answer_conf = outcomes.start.share_of(value)
+    timings["analysis_s"] = time.time() - t0
+    return Analysis(
+        heads=heads.describe() if heads is not None else "analytic (built in)",
+        tracked_layers=list(tr.layers),
+        tracker="native" if tr.native else "python",
+        proxy=PROXY,
+        threshold=cand_threshold,
+        max_decisions=cfg.max_decisions,
+        alternatives=cfg.alternatives,
+        candidates=outcomes.proposed if outcomes is not None else n_cands,
+        decisions=decisions,
+        consistency=None,
+        refined=False,
+        notes=[],
+        answer_confidence=answer_conf,
+        explanation=explain_sampled(trace, decisions, outcomes, cfg.fork_threshold),
+        timings=timings,
+        outcomes=outcomes,
+    )
+
+
+def _measured_decisions(trace, obs, cfg, gen_sig, best, proposal, measured, forks):
+    owner = step_of_tokens(trace)
+    value = trace.answer.value if trace.answer else None
+    decisions = []
+    for k, (co, alts) in measured.items():
+        tok = trace.tokens[k]
+        f, fp = forks.get(k, (None, None))
+        decisions.append(Decision(
+            rank=0, token_index=k, position=obs.n_prompt + k, step=int(owner[k]), text=tok.text, prob=tok.prob,
+            entropy=tok.entropy, significance=float(best[k]), score=float(proposal[k]),
+            dependents=[int(i) for i in np.flatnonzero(gen_sig[:, k] >= cfg.threshold)], merged=0,
+            alternatives=[a for a in tok.top if a.id != tok.id][:5],
+            branches=[branch_of(a, o, value, None) for a, o in alts],
+            dependencies=dependencies_of(k, obs), confirmed=f is not None and f >= cfg.fork_threshold and fp < cfg.alpha,
+            outcome=co, fork=f, fork_p=fp,
+        ))
+    decisions.sort(key=lambda d: (-(d.fork or 0.0), d.token_index))
+    for i, d in enumerate(decisions):
+        d.rank = i + 1
+    return decisions, len(measured)
 
 
 __all__ = [

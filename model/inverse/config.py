@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from sage.inverse.sampler import SamplingSettings
 
 PROXY = "attention-weighted value norm (tracked heads) in place of |grad_h L|"
 CONSISTENCY_TARGET = 0.8
+DEFAULT_BUDGET = 6000  # sampled tokens per `sage ask`; see README (about a minute on 2 cores)
 
 
 @dataclass
@@ -22,11 +25,30 @@ class AnalysisConfig:
     # max_tokens), so a branch is never judged on tokens its chain did not get
     rollout_total: int | None = None
     batch_rollouts: bool = False  # one llama_decode for all branches of a decision (faster, not bit-exact)
+    # "sampled": outcome distributions (sage.inverse.forks); "greedy": one greedy rollout
+    # per alternative at the top-threshold tokens (schema 2; heads training, identity tests)
+    method: str = "sampled"
+    # --- sampled outcome distributions (sage.inverse.forks) ---
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    budget: int | None = None  # sampled tokens (None: DEFAULT_BUDGET; 0: no sampling)
+    samples: int = 16  # most samples per distribution
+    round_size: int = 4  # samples per round of the stopping rule
+    start_samples: int = 8  # the first round of the distribution from the prompt alone
+    parallel: int = 16  # sequences decoded together
+    coarse_share: float = 0.5  # of the budget for the start and step distributions
+    anchors: int = 2  # most anchor steps searched for forks
+    anchor_min: float = 0.2  # least movement (total variation) of an anchor step
+    per_anchor: int = 2  # candidates per anchor step from the heads (+ the most uncertain token)
+    fork_threshold: float = 0.3  # fork score from which a candidate is a decision point
+    alpha: float = 0.1  # a movement or fork counts only if chance alone gives it less often (permutation p)
+
+    def budget_tokens(self) -> int:
+        return DEFAULT_BUDGET if self.budget is None else max(0, self.budget)
 
     def n_seq_max(self) -> int:
-        """KV sequences an engine needs for this analysis: the chain, and the branches of
-        one decision point (decision points are rolled out one after another)."""
-        return 1 + max(0, self.alternatives)
+        """KV sequences an engine needs for this analysis: the chain, and the samples
+        decoded together (or the branches of one greedy rollout)."""
+        return 1 + max(self.alternatives, self.parallel if self.budget_tokens() > 0 else 0, 0)
 
 
 def plausible_alternatives(tok, min_prob: float) -> list:

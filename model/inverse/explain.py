@@ -85,3 +85,84 @@ def explain(trace: Trace, decisions: list[Decision], consistency: float | None, 
         just.append("No token reached the significance threshold with a plausible alternative: no decision points.")
     return Explanation(justification=just, alternatives=alts, confidence=confs, dependencies=deps)
 
+
+
+def dist_words(o) -> str:
+    """An outcome distribution in words: "18 in 6, 20 in 1, no answer in 1 of 8 samples"."""
+    if o is None or not o.n:
+        return "no samples"
+    parts = [f"{a.value} in {a.n}" for a in o.answers[:4]]
+    rest = sum(a.n for a in o.answers[4:])
+    if rest:
+        parts.append(f"other answers in {rest}")
+    if o.none:
+        parts.append(f"no answer in {o.none}")
+    return ", ".join(parts) + f" of {o.n} sample{'s' if o.n != 1 else ''}"
+
+
+def explain_sampled(trace: Trace, decisions: list[Decision], outcomes, fork_threshold: float) -> Explanation:
+    """The explanation of the sampled analysis: every sentence names the distribution
+    (answers and sample counts) it rests on."""
+    just, alts, confs, deps = [], [], [], []
+    value = trace.answer.value if trace.answer else None
+    if outcomes is None:
+        just.append("No outcome distributions were sampled (budget 0): the decision points below are proposals "
+                    "of the heads, not measured.")
+        for d in decisions:
+            just.append(f"Proposed {d.rank} (step {d.step + 1}): {_q(d.text)} with p={d.prob:.2f}, "
+                        f"proposal score {d.score:.2f}.")
+    else:
+        if outcomes.anchors:
+            for i in outcomes.anchors:
+                before = next((outcomes.steps[j] for j in range(i - 1, -1, -1) if outcomes.steps[j] is not None),
+                              outcomes.start)
+                m = outcomes.movement[i]
+                just.append(
+                    f"The answer distribution moved most over step {i + 1} (total variation {m:.2f}): "
+                    f"before it {dist_words(before)}; after it {dist_words(outcomes.steps[i])}."
+                )
+        else:
+            just.append("No step moved the answer distribution by more than the anchor threshold: "
+                        "the reasoning has no step where the answer hinges.")
+        forks = [d for d in decisions if d.confirmed]
+        for d in forks:
+            just.append(
+                f"Decision {d.rank} (step {d.step + 1}): the model wrote {_q(d.text)} (p={d.prob:.2f}); "
+                f"fork score {d.fork:.2f}: the alternatives lead elsewhere."
+            )
+        cleared = [d for d in decisions if not d.confirmed]
+        if cleared:
+            just.append(
+                f"{len(cleared)} other candidate token{'s' if len(cleared) != 1 else ''} in the anchor steps "
+                f"{'were' if len(cleared) != 1 else 'was'} measured and {'are' if len(cleared) != 1 else 'is'} "
+                f"not a fork (fork score below {fork_threshold:.2f})."
+            )
+        for d in decisions:
+            alts.append(f"At {_q(d.text)} (step {d.step + 1}), as written: {dist_words(d.outcome)}.")
+            for b in d.branches:
+                alts.append(f"With {_q(b.token_text)} (p={b.prob:.2f}) instead: {dist_words(b.outcome)}.")
+        if outcomes.start is not None:
+            s = outcomes.start
+            if value is not None:
+                k = s.count(value)
+                from sage.inverse.outcomes import wilson
+
+                lo, hi = wilson(k, s.n)
+                confs.append(
+                    f"From the problem alone, the model reached {value} in {k} of {s.n} samples "
+                    f"({k / s.n:.0%}; 90 % interval {lo:.0%}–{hi:.0%}): that share is the answer's confidence."
+                )
+            confs.append(f"All answers from the problem alone: {dist_words(s)}.")
+            if s.leader is not None and s.leader != value and s.answers[0].n > 1:
+                confs.append(f"The most frequent answer of the samples is {s.leader} "
+                             f"({s.answers[0].n} of {s.n}), not the chain's answer.")
+        confs.append(f"{outcomes.spent} of {outcomes.budget} budgeted tokens were sampled.")
+    if trace.answer and trace.answer.value is not None and trace.answer.confidence is not None:
+        confs.append(f"The answer {trace.answer.value} was written with token probability {trace.answer.confidence:.2f}.")
+    elif not (trace.answer and trace.answer.value is not None):
+        confs.append("No final answer was found in the output.")
+    for d in decisions:
+        if d.dependencies and (d.confirmed or outcomes is None):
+            top = ", ".join(f"{_q(x.text)} ({x.source}, {x.weight:.2f})" for x in d.dependencies[:3])
+            deps.append(f"Decision {d.rank} drew most on {top}.")
+    return Explanation(justification=just, alternatives=alts, confidence=confs, dependencies=deps)

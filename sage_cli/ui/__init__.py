@@ -15,6 +15,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.theme import Theme
 
+from sage.cli.ui.outcome import answer_value, confidence_words, dist_text, scale_line, trust
+
 THEME = Theme(
     {
         "tok.sure": "default",
@@ -87,15 +89,25 @@ class AskView:
         self.out.print(Text(text, style=tint(prob)), end="", soft_wrap=True)
         self.out.file.flush()
 
-    def analyzing(self, n_decisions_max: int, n_alternatives: int, exact: bool = False):
-        """A spinner while the inverse analysis runs (context manager)."""
+    def analyzing(self, budget: int, exact: bool = False):
+        """Context manager yielding on_progress(samples, tokens, budget): a status line
+        with the samples and tokens so far and the elapsed time while the analysis runs."""
+        import time
+        from contextlib import contextmanager
+
         self.out.print()
-        what = "exact significance (torch model, backward per step)" if exact else "significance"
-        return self.out.status(
-            f"inverse analysis: {what}, decision points, rolling out up to "
-            f"{n_decisions_max * n_alternatives} alternatives…",
-            spinner="dots",
-        )
+        what = "exact significance (torch model, backward per step), then " if exact else ""
+
+        @contextmanager
+        def cm():
+            t0 = time.time()
+            msg = lambda n, spent: Text(  # noqa: E731
+                f"inverse analysis: {what}sampling outcome distributions · {n} samples · "
+                f"{spent}/{budget} tokens · {time.time() - t0:.0f} s")
+            with self.out.status(msg(0, 0), spinner="dots") as st:
+                yield lambda n, spent, _budget: st.update(msg(n, spent))
+
+        return cm()
 
     @staticmethod
     def exact_line(analysis) -> Text:
@@ -117,7 +129,7 @@ class AskView:
         marks = {}
         if a:
             for d in a.decisions:
-                if step.token_start <= d.token_index < step.token_end:
+                if step.token_start <= d.token_index < step.token_end and (d.confirmed or a.outcomes is None):
                     marks[d.token_index] = d
         if not marks:
             return Text(step.text)
@@ -136,12 +148,13 @@ class AskView:
                 continue
             out.append(trace.text[pos:a0])
             out.append(trace.text[a0:a1], style="decision")
-            out.append(f"[{d.rank}: {d.significance:.2f}]", style="sig")
+            score = d.fork if d.fork is not None else d.significance
+            out.append(f"[{d.rank}: {score:.2f}]", style="sig")
             pos = a1
         out.append(trace.text[pos : step.char_end])
         return out
 
-    def summary(self, trace, saved: Path | None) -> None:
+    def summary(self, trace, saved: Path | None, vote: bool = False) -> None:
         self.out.print()
         self.out.rule(style="dim")
         if trace.steps:
@@ -149,19 +162,44 @@ class AskView:
             table.add_column("#", justify="right", style="dim", no_wrap=True)
             table.add_column("step", ratio=1)
             table.add_column("confidence", no_wrap=True)
+            oc = trace.analysis.outcomes if trace.analysis else None
+            value = trace.answer.value if trace.answer else None
+            if oc is not None:
+                table.add_column("answers if continued from here", no_wrap=False)
             for s in trace.steps:
                 conf = bar(s.confidence)
                 conf.append(f" {s.confidence:.2f}")
-                table.add_row(str(s.index + 1), self.step_text(trace, s), conf)
+                row = [str(s.index + 1), self.step_text(trace, s), conf]
+                if oc is not None:
+                    cell = dist_text(oc.steps[s.index], mark=value, most=3)
+                    if s.index in oc.anchors:
+                        cell = Text.assemble(("moved ", "warn"), cell)
+                    row.append(cell)
+                table.add_row(*row)
             self.out.print(table)
         if trace.analysis:
-            self.out.print(Text("[k: s] marks decision point k and its normalized significance s", style="dim"))
-            if trace.analysis.exact is not None:
-                self.out.print(self.exact_line(trace.analysis))
-            for d in trace.analysis.decisions:
+            an = trace.analysis
+            if an.outcomes is not None:
+                self.out.print(self.curve_line(an.outcomes, trace.answer.value if trace.answer else None))
+                self.out.print(Text("[k: f] marks decision point k, a measured fork, and its fork score f "
+                                    "(0: the alternatives lead to the same answers, 1: to others)", style="dim"))
+            else:
+                self.out.print(Text("[k: s] marks decision point k and its normalized significance s", style="dim"))
+            if an.exact is not None:
+                self.out.print(self.exact_line(an))
+            shown = [d for d in an.decisions if d.confirmed or an.outcomes is None]
+            for d in sorted(shown, key=lambda d: d.token_index) if an.outcomes is not None else shown:
                 self.out.print(self.decision_panel(d))
-            self.out.print(self.explanation_panel(trace.analysis))
-        self.out.print(self.answer_panel(trace))
+            cleared = [d for d in an.decisions if not d.confirmed and an.outcomes is not None]
+            if cleared:
+                self.out.print(Text(
+                    "checked, not forks: " + ", ".join(f"{d.text.strip() or repr(d.text)!r} (step {d.step + 1}, "
+                                                       f"fork {d.fork:.2f})" for d in cleared if d.fork is not None),
+                    style="dim"))
+            self.out.print(self.explanation_panel(an))
+        self.out.print(self.answer_panel(trace, vote))
+        if trace.analysis and trace.analysis.outcomes is not None:
+            self.out.print(scale_line())
         t = trace.timings
         facts = [f"{len(trace.tokens)} tokens", f"{t.get('tokens_per_s', 0):.1f} tok/s"]
         if "first_token_s" in t:
@@ -177,27 +215,53 @@ class AskView:
         table.add_column("token", no_wrap=True)
         table.add_column("p", justify="right")
         table.add_column("leads to")
-        table.add_row(Text(repr(d.text), style="decision"), f"{d.prob:.2f}", Text("chosen path", style="dim"))
+        sampled = d.outcome is not None
+        chosen = dist_text(d.outcome) if sampled else Text("chosen path", style="dim")
+        table.add_row(Text(repr(d.text), style="decision"), f"{d.prob:.2f}", chosen)
         rolled = {b.token_id: b for b in d.branches}
         for alt in d.alternatives:
             b = rolled.get(alt.id)
             if b is None:
-                lead = Text("not rolled out", style="dim")
+                lead = Text("not sampled" if sampled else "not rolled out", style="dim")
+            elif b.outcome is not None:
+                lead = dist_text(b.outcome)
             elif b.changed:
                 lead = Text.assemble((f"different answer: {b.answer}", "changed"), (f"  ({b.n_tokens} tokens)", "dim"))
             else:
                 lead = Text.assemble((f"same answer: {b.answer}", "same"), (f"  ({b.n_tokens} tokens)", "dim"))
             table.add_row(repr(alt.text), f"{alt.prob:.2f}", lead)
         deps = ", ".join(f"{x.text.strip() or repr(x.text)} ({x.weight:.2f})" for x in d.dependencies[:3])
-        title = (
-            f"decision {d.rank} · step {d.step + 1} · significance {d.significance:.2f}"
-            + (f" · {d.merged} more in this step" if d.merged else "")
-        )
+        if d.fork is not None:
+            title = f"decision {d.rank} · step {d.step + 1} · fork score {d.fork:.2f}"
+            if d.fork_p is not None:
+                title += f" (chance alone: p={d.fork_p:.2f})"
+        else:
+            title = (
+                f"decision {d.rank} · step {d.step + 1} · significance {d.significance:.2f}"
+                + (f" · {d.merged} more in this step" if d.merged else "")
+            )
         body = Table.grid()
         body.add_row(table)
         if deps:
             body.add_row(Text(f"attended to: {deps}", style="dim"))
         return Panel(body, title=title, title_align="left", border_style="magenta", expand=False)
+
+    @staticmethod
+    def curve_line(oc, value) -> Text:
+        """The answer distribution along the chain, as the share of the chain's answer."""
+        t = Text("answer along the chain (share of samples reaching ", style="dim")
+        t.append(answer_value(value), style="bold")
+        t.append("): start ", style="dim")
+
+        def share(o):
+            return Text("–", style="dim") if o is None else Text(f"{o.share_of(value):.0%}", style="bold")
+
+        t.append_text(share(oc.start))
+        for i, o in enumerate(oc.steps):
+            t.append(f" → {i + 1}:", style="dim")
+            t.append_text(share(o))
+        t.append(f"   ({oc.spent}/{oc.budget} tokens sampled, {oc.parallel} at a time)", style="dim")
+        return t
 
     @staticmethod
     def explanation_panel(analysis) -> Panel:
@@ -225,21 +289,43 @@ class AskView:
         return Panel(grid, title="Explanation", title_align="left", border_style="cyan")
 
     @staticmethod
-    def answer_panel(trace) -> Panel:
+    def answer_panel(trace, vote: bool = False) -> Panel:
         a = trace.answer
+        an = trace.analysis
+        oc = an.outcomes if an else None
+        border = "yellow"
         if a is None or a.value is None:
             body = Text("no final answer found in the output", style="warn")
         else:
             body = Text.assemble(("Answer ", "bold"), (a.value, "answer"))
-            an = trace.analysis
-            conf = an.answer_confidence if an and an.answer_confidence is not None else a.confidence
-            if conf is not None:
-                body.append("   confidence ")
-                body.append_text(bar(conf))
-                body.append(f" {conf:.2f}")
-            if an and an.consistency is not None:
-                body.append(f"   consistency {an.consistency:.2f}" + (" (refined)" if an.refined else ""))
-        return Panel(body, expand=False, border_style="green" if a and a.value else "yellow")
+            if oc is not None and oc.start is not None:
+                from sage.inverse.outcomes import wilson
+
+                k, n = oc.start.count(a.value), oc.start.n
+                lo, hi = wilson(k, n)
+                word, _, border = trust(k / n)
+                body.append("   ")
+                body.append_text(bar(k / n))
+                body.append("\n")
+                body.append_text(confidence_words(k / n, k, n, lo, hi))
+            else:
+                conf = an.answer_confidence if an and an.answer_confidence is not None else a.confidence
+                if conf is not None:
+                    body.append("   confidence ")
+                    body.append_text(bar(conf))
+                    body.append(f" {conf:.2f}")
+                    border = "green"
+                if an and an.consistency is not None:
+                    body.append(f"   consistency {an.consistency:.2f}" + (" (refined)" if an.refined else ""))
+        if oc is not None and oc.start is not None:
+            body.append("\n")
+            body.append("answers from the problem alone: ", style="dim")
+            body.append_text(dist_text(oc.start, mark=a.value if a else None))
+            if vote:
+                body.append("\n")
+                body.append("vote (most frequent answer): ", style="bold")
+                body.append(answer_value(oc.vote) if oc.vote is not None else "none (no answer leads)")
+        return Panel(body, expand=False, border_style=border)
 
     def interrupted(self, saved: Path) -> None:
         self.out.print()

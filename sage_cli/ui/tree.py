@@ -17,6 +17,7 @@ from rich.theme import Theme
 from rich.tree import Tree
 
 from sage.cli.ui import THEME, bar, console, tint
+from sage.cli.ui.outcome import confidence_words, dist_text, trust
 
 # styles this view needs beyond ui.THEME; pushed on top of it while printing
 TREE_THEME = Theme(
@@ -86,6 +87,15 @@ def _decision_label(d) -> Text:
     t.append(token_label(d.text), style="bold")
     t.append(" ")
     t.append_text(_prob("p", d.prob))
+    if d.fork is not None:
+        t.append(f", fork score {d.fork:.2f}")
+        if d.fork_p is not None:
+            t.append(f" (chance alone p={d.fork_p:.2f})", style="dim")
+        t.append("  a fork" if d.confirmed else "  not a fork", style="tree.changed" if d.confirmed else "dim")
+        if d.outcome is not None:
+            t.append("\nas written: ", style="dim")
+            t.append_text(dist_text(d.outcome))
+        return t
     t.append(f", significance {d.significance:.2f}")
     facts = [f"rank {d.rank}"]
     if len(d.dependents) == 1:
@@ -100,6 +110,12 @@ def _branch_label(b) -> Text:
     t = Text.assemble((token_label(b.token_text), "bold"), " ")
     t.append_text(_prob("p", b.prob))
     t.append("  → ")
+    if b.outcome is not None:
+        t.append_text(dist_text(b.outcome))
+        t.append("\ne.g. ", style="dim")
+        lead = "…" + (" " if b.text[:1].isspace() else "")
+        t.append(lead + shorten(b.text, BRANCH_CHARS), style="dim italic")
+        return t
     if b.changed:
         t.append(f"different answer: {b.answer if b.answer is not None else 'none found'}", style="tree.changed")
     else:
@@ -113,8 +129,8 @@ def _branch_label(b) -> Text:
     return t
 
 
-def _unrolled_label(alternatives) -> Text:
-    t = Text.assemble(("not rolled out: ", "dim"))
+def _unrolled_label(alternatives, sampled: bool = False) -> Text:
+    t = Text.assemble(("not sampled: " if sampled else "not rolled out: ", "dim"))
     for i, a in enumerate(alternatives):
         if i:
             t.append(" · ", style="dim")
@@ -130,7 +146,7 @@ def _add_decision(parent: Tree, d) -> None:
         node.add(_branch_label(b))
     rest = [a for a in d.alternatives if a.id not in rolled]
     if rest:
-        node.add(_unrolled_label(rest))
+        node.add(_unrolled_label(rest, d.outcome is not None))
 
 
 def _answer_label(trace) -> Text:
@@ -139,6 +155,19 @@ def _answer_label(trace) -> Text:
         return Text("no final answer found in the output", style="warn")
     t = Text.assemble(("Answer ", "bold"), (a.value, "answer"))
     an = trace.analysis
+    oc = an.outcomes if an is not None else None
+    if oc is not None and oc.start is not None:
+        from sage.inverse.outcomes import wilson
+
+        k, n = oc.start.count(a.value), oc.start.n
+        lo, hi = wilson(k, n)
+        t.append("  ")
+        t.append_text(bar(k / n, 8))
+        t.append("\n")
+        t.append_text(confidence_words(k / n, k, n, lo, hi))
+        t.append("\nanswers from the problem alone: ", style="dim")
+        t.append_text(dist_text(oc.start, mark=a.value))
+        return t
     conf = an.answer_confidence if an is not None and an.answer_confidence is not None else a.confidence
     if conf is not None:
         t.append("  confidence ")
@@ -165,8 +194,20 @@ def trace_tree(trace) -> Tree:
     for d in an.decisions if an is not None else []:
         by_step.setdefault(d.step, []).append(d)
     width = len(str(len(trace.steps)))
+    oc = an.outcomes if an is not None else None
+    value = trace.answer.value if trace.answer else None
+    if oc is not None:
+        root.add(Text.assemble(("from the problem alone: ", "dim"), dist_text(oc.start, mark=value)))
     for step in trace.steps:
         node = root.add(_step_node(step, width))
+        if oc is not None and step.index < len(oc.steps):
+            label = Text.assemble(("continued from here: ", "dim"), dist_text(oc.steps[step.index], mark=value))
+            m = oc.movement[step.index]
+            if m is not None:
+                label.append(f"  moved {m:.2f}", style="warn" if step.index in oc.anchors else "dim")
+                if oc.movement_p[step.index] is not None:
+                    label.append(f" (chance p={oc.movement_p[step.index]:.2f})", style="dim")
+            node.add(label)
         for d in sorted(by_step.pop(step.index, []), key=lambda d: d.token_index):
             _add_decision(node, d)
     if not trace.steps:
@@ -181,6 +222,9 @@ def trace_tree(trace) -> Tree:
     else:
         for note in an.notes:
             answer.add(Text(note, style="dim"))
+        if oc is not None:
+            answer.add(Text(f"{oc.spent} of {oc.budget} tokens sampled; sampling {oc.sampling}; {oc.rule}",
+                            style="dim"))
     return root
 
 

@@ -1,0 +1,71 @@
+"""How sampled outcome distributions are written in the views (terminal, tree, export).
+
+The trust scale is defined here once: the share of samples, drawn from the model on the
+problem alone, that reach the answer.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+# (least share, word, what it means, style), most trusted first
+TRUST = (
+    (0.8, "high", "the model reaches this answer nearly every time", "green"),
+    (0.5, "medium", "the model's most common answer, but not a sure one", "yellow"),
+    (0.2, "low", "the model often answers something else", "dark_orange"),
+    (0.0, "very low", "probably wrong: the model rarely reaches it", "bold red"),
+)
+FEW = 8  # fewer samples than this: the words say so
+
+
+def trust(share: float) -> tuple[str, str, str]:
+    """(word, meaning, style) of a share on the trust scale."""
+    for least, word, meaning, style in TRUST:
+        if share >= least:
+            return word, meaning, style
+    return TRUST[-1][1:]
+
+
+def scale_line() -> Text:
+    t = Text("trust scale (share of samples from the problem alone that reach the answer): ", style="dim")
+    for i, (least, word, _, style) in enumerate(TRUST):
+        if i:
+            t.append(" · ", style="dim")
+        t.append(f"{word} ≥ {least:.0%}" if least > 0 else f"{word} < {TRUST[i - 1][0]:.0%}", style=style)
+    return t
+
+
+def answer_value(value: str | None) -> str:
+    return "no answer" if value is None else value
+
+
+def dist_text(o, mark: str | None = None, most: int = 4) -> Text:
+    """'20 ×3 · 24 ×1 of 4 samples'; `mark` (an answer) in bold."""
+    t = Text()
+    if o is None or not o.n:
+        return Text("not sampled", style="dim")
+    items = [(a.value, a.n) for a in o.answers]
+    if o.none:
+        items.append((None, o.none))
+    items.sort(key=lambda x: -x[1])
+    for i, (v, n) in enumerate(items[:most]):
+        if i:
+            t.append(" · ", style="dim")
+        t.append(answer_value(v), style="bold" if v == mark and v is not None else ("dim" if v is None else ""))
+        t.append(f" ×{n}", style="dim")
+    rest = sum(n for _, n in items[most:])
+    if rest:
+        t.append(f" · others ×{rest}", style="dim")
+    t.append(f" of {o.n} sample{'s' if o.n != 1 else ''}", style="dim")
+    return t
+
+
+def confidence_words(share: float, k: int, n: int, lo: float, hi: float) -> Text:
+    """'medium trust: 9 of 12 samples (75 %, 90 % interval 52–89 %) reach it'."""
+    word, meaning, style = trust(share)
+    t = Text.assemble((f"{word} trust", style))
+    t.append(f": {k} of {n} samples from the problem alone reach it ({share:.0%}; 90 % interval {lo:.0%}–{hi:.0%})")
+    t.append(f" — {meaning}", style="dim")
+    if n < FEW:
+        t.append(f"; only {n} samples, so the share is rough", style="dim")
+    return t
