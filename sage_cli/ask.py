@@ -35,8 +35,9 @@ def ask(
         Optional[float],
         typer.Option(
             "--threshold",
-            help="Decision threshold: on normalized significance with analytic heads (default 0.3, the "
-            "paper's), on the decision score with trained heads (default: the sidecar's own).",
+            help="Least proposal score of a candidate token: normalized significance with analytic heads "
+            "(default 0.3, the paper's), the decision score with trained heads (default: the sidecar's own). "
+            "The most uncertain token of a step where the answer moved is measured as well.",
         ),
     ] = None,
     max_decisions: Annotated[int, typer.Option("--max-decisions", help="Most decision points to keep.")] = 3,

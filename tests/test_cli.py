@@ -65,15 +65,17 @@ def test_ask_json_is_only_json():
 def test_ask_analysis_then_explain_tree(tmp_path):
     """The user's path: ask (tracking on by default), then explain --tree from last.json."""
     problem = "Tom has 3 boxes with 12 eggs in each box. He uses 7 eggs. How many eggs are left?"
-    r = run("ask", problem, "--max-tokens", "120", "--max-decisions", "2", "--alternatives", "1")
+    r = run("ask", problem, "--max-tokens", "120", "--alternatives", "1", "--budget", "1500", "--vote")
     assert r.exit_code == 0, r.output
-    assert "decision 1" in r.stdout and "Explanation" in r.stdout
+    assert "answers from the problem alone" in r.stdout and "Explanation" in r.stdout
+    assert "trust" in r.stdout and "vote (most frequent answer)" in r.stdout
     last = json.loads((Path(os.environ["SAGE_HOME"]) / "last.json").read_text())
     a = last["analysis"]
-    assert a["decisions"] and all(len(d["branches"]) == 1 for d in a["decisions"])
+    assert a["outcomes"]["spent"] <= 1500 and a["outcomes"]["start"]["n"] >= 1
+    assert all(len(d["branches"]) == 1 for d in a["decisions"])
     r = run("explain", "--tree")
     assert r.exit_code == 0, r.output
-    assert "decision" in r.stdout and problem[:30] in r.stdout
+    assert "continued from here" in r.stdout and problem[:30] in r.stdout
     out = tmp_path / "tree.svg"
     r = run("explain", "--tree", "--svg", str(out))
     assert r.exit_code == 0, r.output
@@ -277,7 +279,8 @@ def test_threshold_applies_to_the_heads_in_use():
 
     shipped = SageHeads.load(find_heads(resolve_model(None).path, "smollm2-135m", None))
     assert shipped.trained
-    common = ["ask", PROBLEM, "--max-tokens", "60", "--alternatives", "0", "--max-decisions", "20", "--json"]
+    # --budget 0: no sampling, the decision points are the heads' proposals above the threshold
+    common = ["ask", PROBLEM, "--max-tokens", "60", "--budget", "0", "--max-decisions", "20", "--json"]
     own = json.loads(run(*common).stdout)["analysis"]
     assert own["threshold"] == pytest.approx(shipped.threshold)
     higher = round((1 + shipped.threshold) / 2, 3)

@@ -143,7 +143,8 @@ def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_p
     outcomes, measured, forks = None, {}, {}
     if budget > 0 and trace.steps:
         progress = (lambda n, spent: on_progress(n, spent, budget)) if on_progress else None
-        outcomes, measured, st = sampled_analysis(engine, trace, prompt_tokens, cfg, proposal, stops, progress)
+        outcomes, measured, st = sampled_analysis(engine, trace, prompt_tokens, cfg, proposal, stops, progress,
+                                                  threshold=cand_threshold)
         timings.update(st)
         forks = forks_score(measured)
         decisions, n_cands = _measured_decisions(trace, obs, cfg, gen_sig, best, proposal, measured, forks)
@@ -172,7 +173,7 @@ def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_p
         refined=False,
         notes=[],
         answer_confidence=answer_conf,
-        explanation=explain_sampled(trace, decisions, outcomes, cfg.fork_threshold),
+        explanation=explain_sampled(trace, decisions, outcomes, cfg.fork_threshold, trained),
         timings=timings,
         outcomes=outcomes,
     )

@@ -100,17 +100,20 @@ def dist_words(o) -> str:
     return ", ".join(parts) + f" of {o.n} sample{'s' if o.n != 1 else ''}"
 
 
-def explain_sampled(trace: Trace, decisions: list[Decision], outcomes, fork_threshold: float) -> Explanation:
+def explain_sampled(trace: Trace, decisions: list[Decision], outcomes, fork_threshold: float,
+                    trained: bool = False) -> Explanation:
     """The explanation of the sampled analysis: every sentence names the distribution
     (answers and sample counts) it rests on."""
     just, alts, confs, deps = [], [], [], []
     value = trace.answer.value if trace.answer else None
     if outcomes is None:
-        just.append("No outcome distributions were sampled (budget 0): the decision points below are proposals "
-                    "of the heads, not measured.")
         for d in decisions:
-            just.append(f"Proposed {d.rank} (step {d.step + 1}): {_q(d.text)} with p={d.prob:.2f}, "
-                        f"proposal score {d.score:.2f}.")
+            head = (f"the trained heads give it a decision score of {d.score:.2f}" if trained
+                    else f"normalized significance {d.significance:.2f}")
+            just.append(f"Proposed {d.rank} (step {d.step + 1}): the model wrote {_q(d.text)} with p={d.prob:.2f}; "
+                        f"{head}.")
+        just.append("No outcome distributions were sampled (budget 0): these are the heads' proposals, "
+                    "not measured forks.")
     else:
         if outcomes.anchors:
             for i in outcomes.anchors:

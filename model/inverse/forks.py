@@ -20,7 +20,7 @@ import numpy as np
 
 from sage.inverse.config import AnalysisConfig, is_choice
 from sage.inverse.outcomes import STOP_RULE, fork_score, tv, tv_pvalue
-from sage.inverse.sampler import BranchSampler, Request
+from sage.inverse.sampler import BranchSampler
 from sage.trace import Branch, Outcome, Outcomes, Trace
 
 
@@ -60,11 +60,20 @@ class Coarse:
         self.reqs = {i: sampler.request(boundaries[i], None, cfg.samples) for i in self.order}
 
     def sample(self, budget: int, on_progress=None) -> None:
+        end = self.sampler.spent + budget
+        if self.start.started == 0:
+            # the answer's confidence rests on the start: its first round before anything else
+            k_max, self.start.k_max = self.start.k_max, min(self.start.k_max, self.cfg.start_samples)
+            self.sampler.budget = end
+            self.sampler.run([self.start], on_progress)
+            self.start.k_max = k_max
+            if self.start.stop in ("budget", "max") and self.start.started < k_max:
+                self.start.stop, self.start.committed = None, False
+            budget = max(0, end - self.sampler.spent)
         reqs = [self.start] + [self.reqs[i] for i in self.order]
-        for r in reqs:
+        for r in reqs[1:] if self.start.stop is None else reqs:
             if r.stop == "budget":  # continue its rounds
                 r.stop, r.committed = None, False
-                r.round_end = r.started if r.started else 0
         self.sampler.budget = self.sampler.spent + budget
         self.sampler.run(reqs, on_progress)
 
@@ -99,14 +108,16 @@ def anchor_span(steps: list[Outcome | None], i: int) -> range:
     return range(j + 1, i + 1)
 
 
-def candidates_in(trace: Trace, span: range, proposal: np.ndarray, cfg: AnalysisConfig) -> list[int]:
+def candidates_in(trace: Trace, span: range, proposal: np.ndarray, cfg: AnalysisConfig,
+                  threshold: float = 0.0) -> list[int]:
     """The tokens of an anchor's steps worth measuring: the heads' best `per_anchor`
-    choices, and the most uncertain choice (highest entropy) if it is not among them."""
+    choices at or above the threshold, and the most uncertain choice (highest entropy)
+    if it is not among them."""
     ks = [k for i in span for k in range(trace.steps[i].token_start, trace.steps[i].token_end)
           if is_choice(trace.tokens[k], cfg.min_alt_prob)]
     if not ks:
         return []
-    by_score = sorted(ks, key=lambda k: (-proposal[k], k))[: cfg.per_anchor]
+    by_score = sorted((k for k in ks if proposal[k] >= threshold), key=lambda k: (-proposal[k], k))[: cfg.per_anchor]
     top_entropy = max(ks, key=lambda k: (trace.tokens[k].entropy, -k))
     if top_entropy not in by_score:
         by_score.append(top_entropy)
@@ -114,14 +125,14 @@ def candidates_in(trace: Trace, span: range, proposal: np.ndarray, cfg: Analysis
 
 
 def fine(sampler: BranchSampler, trace: Trace, cfg: AnalysisConfig, spans: list[range], proposal: np.ndarray,
-         on_progress=None) -> tuple[dict[int, tuple[Outcome, list[tuple]]], int]:
+         on_progress=None, threshold: float = 0.0) -> tuple[dict[int, tuple[Outcome, list[tuple]]], int]:
     """Outcome distributions of the candidates of the anchor steps: for each candidate
     token k, (the chosen token's outcome, [(alternative, its outcome)]). Also returns how
     many candidates were proposed."""
     plan = []
     seen = set()
     for span in spans:
-        for k in candidates_in(trace, span, proposal, cfg):
+        for k in candidates_in(trace, span, proposal, cfg, threshold):
             if k in seen:
                 continue
             seen.add(k)
@@ -151,7 +162,7 @@ def branch_of(alt, o: Outcome, chain_answer: str | None, engine) -> Branch:
 
 
 def sampled_analysis(engine, trace: Trace, prompt_tokens: list[int], cfg: AnalysisConfig, proposal: np.ndarray,
-                     stops: tuple[str, ...] = (), on_progress=None):
+                     stops: tuple[str, ...] = (), on_progress=None, threshold: float = 0.0):
     """Run coarse and fine on `engine` (sequence 0 still holds the chain). Returns
     (Outcomes, {token k: (chosen outcome, [(alternative, outcome)])}, timings)."""
     budget = cfg.budget_tokens()
@@ -168,7 +179,7 @@ def sampled_analysis(engine, trace: Trace, prompt_tokens: list[int], cfg: Analys
     t1 = time.time()
     sampler.budget = budget
     spans = [anchor_span(steps, i) for i in anchors]
-    measured, proposed = fine(sampler, trace, cfg, spans, proposal, on_progress) if anchors else ({}, 0)
+    measured, proposed = fine(sampler, trace, cfg, spans, proposal, on_progress, threshold) if anchors else ({}, 0)
     t2 = time.time()
     outcomes = Outcomes(
         sampling=cfg.sampling.as_dict(), rule=STOP_RULE, budget=budget, spent=sampler.spent, start=start,

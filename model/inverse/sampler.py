@@ -195,7 +195,15 @@ class BranchSampler:
         eng = self.engine
         pending: list[Request] = []
         for r in requests:
-            r.round_end = min(r.k_max, r.first_round or self.round_size)
+            if r.stop is not None:
+                continue
+            if r.started == 0:
+                r.round_end = min(r.k_max, r.first_round or self.round_size)
+            elif settled(r.values) or r.started >= r.k_max:  # resumed, and done
+                r.stop = "settled" if settled(r.values) else "max"
+                continue
+            else:  # resumed: its next round
+                r.round_end, r.committed = min(r.k_max, r.started + self.round_size), False
             if r.forced is not None and eng.is_eog(r.forced):
                 r.stop = "settled"  # the alternative ends the output here: nothing to continue
                 continue

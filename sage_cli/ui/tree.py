@@ -17,7 +17,7 @@ from rich.theme import Theme
 from rich.tree import Tree
 
 from sage.cli.ui import THEME, bar, console, tint
-from sage.cli.ui.outcome import confidence_words, dist_text, trust
+from sage.cli.ui.outcome import confidence_words, dist_text
 
 # styles this view needs beyond ui.THEME; pushed on top of it while printing
 TREE_THEME = Theme(
