@@ -4,8 +4,8 @@ Configurations, on the same model, problems and greedy settings:
   0 llama      llama-cpp-python's own `Llama.create_completion` (external baseline)
   1 forward    sage generation only
   2 track      + attention tracking (native eval callback)
-  3 analysis   + inverse analysis without rollouts
-  4 rollouts   + rollouts of the alternatives at each decision point
+  3 analysis   + inverse analysis without sampling (significance, proposals)
+  4 rollouts   + sampled outcome distributions at the default budget (the full `sage ask`)
 Per repetition the configurations run interleaved (problem by problem) so machine noise
 hits them alike; a warm-up pass (one problem, at most WARMUP_TOKENS tokens) is excluded.
 With `mem`, each (configuration, repetition) runs in its own subprocess so its peak RSS is
@@ -48,6 +48,7 @@ class BenchSettings:
     alternatives: int = 2
     threads: int | None = None
     heads: str | None = None  # SAGE heads sidecar for configurations 2-4 (None: the analytic heads)
+    budget: int | None = None  # sampled tokens of configuration 4 (None: `sage ask`'s default)
 
 
 # --- measuring ---------------------------------------------------------------------------
@@ -141,7 +142,7 @@ class Runner:
         if need_tracked:
             from sage.inverse import AnalysisConfig
 
-            cfg = AnalysisConfig(max_decisions=s.max_decisions, alternatives=s.alternatives)
+            cfg = AnalysisConfig(max_decisions=s.max_decisions, alternatives=s.alternatives, budget=s.budget)
             n_seq = cfg.n_seq_max() if "rollouts" in configs else 1
             heads = None
             if s.heads:
@@ -212,7 +213,8 @@ class Runner:
             else:
                 eng = self.engines["plain" if config == "forward" else "tracked"]
                 cfg = AnalysisConfig(threshold=s.threshold, max_decisions=s.max_decisions,
-                                     alternatives=s.alternatives if config == "rollouts" else 0)
+                                     alternatives=s.alternatives if config == "rollouts" else 0,
+                                     budget=s.budget if config == "rollouts" else 0)
                 t0 = time.perf_counter()
                 run = ReasonRun(eng, p.text, max_tokens=max_tokens, analysis=cfg)
                 for _ in run:
@@ -230,8 +232,9 @@ class Runner:
                 out.answers.append(ans)
                 spent = n
                 if tr.analysis is not None:
-                    spent += int(tr.analysis.timings.get("rollout_tokens", 0))
-                    out.rollout_tokens += int(tr.analysis.timings.get("rollout_tokens", 0))
+                    extra = int(tr.analysis.timings.get("sample_tokens", tr.analysis.timings.get("rollout_tokens", 0)))
+                    spent += extra
+                    out.rollout_tokens += extra
                 out.spent.append(spent)
                 if config == "rollouts":
                     out.votes.append(branch_vote(tr))
@@ -241,11 +244,15 @@ class Runner:
 
 
 def branch_vote(trace) -> str | None:
-    """Answer of the chosen path and its rollouts, weighted by probability: at every
+    """The vote of the analysis: with sampled outcomes, the most frequent answer of the
+    samples from the problem alone (else the chain's answer). Schema-2 traces: the answer
+    of the chosen path and its rollouts, weighted by probability: at every
     decision point the chosen token's probability votes for the chain's answer and each
     rolled-out alternative's for its branch's answer."""
     chain = trace.answer.value if trace.answer else None
     a = trace.analysis
+    if a is not None and a.outcomes is not None:
+        return a.outcomes.vote if a.outcomes.vote is not None else chain
     if a is None or not any(d.branches for d in a.decisions):
         return chain
     votes: dict[str | None, float] = {}
@@ -335,7 +342,7 @@ def run_in_subprocess(config: str, s: BenchSettings, problems: list[Problem], wa
 
 # --- decoding many sequences at once ---------------------------------------------------------
 
-SEQUENCES = (1, 4, 8, 16)
+SEQUENCES = (1, 4, 8, 16, 32)
 
 
 def multi_sequence_throughput(

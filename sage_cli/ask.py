@@ -99,7 +99,7 @@ def ask(
     from sage.errors import SageError
     from sage.reason import process_start_time
     from sage.trace import save_trace
-    from sage.cli.ui import AskView
+    from sage.cli.ui import AskView, live_proposal
 
     if exact and not track:
         raise SageError("--exact computes the significance of the inverse analysis: drop --no-track")
@@ -140,7 +140,7 @@ def ask(
             view.header(run.trace.problem, run.resolved.name, run.engine.info.description, run.trace.prompt_tokens)
         for rec in run:
             if view:
-                view.token(rec.text, rec.prob)
+                view.token(rec.text, rec.prob, track and live_proposal(rec))
         if track and view:
             with view.analyzing(run.cfg.budget_tokens(), exact) as progress:
                 run.analyze(on_progress=progress)

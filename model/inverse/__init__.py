@@ -196,6 +196,9 @@ def _measured_decisions(trace, obs, cfg, gen_sig, best, proposal, measured, fork
             outcome=co, fork=f, fork_p=fp,
         ))
     decisions.sort(key=lambda d: (-(d.fork or 0.0), d.token_index))
+    # at most max_decisions forks; the cleared candidates stay listed
+    forks = [d for d in decisions if d.confirmed][: cfg.max_decisions]
+    decisions = forks + [d for d in decisions if not d.confirmed]
     for i, d in enumerate(decisions):
         d.rank = i + 1
     return decisions, len(measured)

@@ -69,7 +69,17 @@ def legend() -> Text:
     for label, style in (("p≥0.8", "tok.sure"), ("≥0.5", "tok.mild"), ("≥0.2", "tok.unsure"), ("<0.2", "tok.doubt")):
         t.append(label, style=style)
         t.append(" ")
+    t.append("· ", style="dim")
+    t.append("underlined", style="underline")
+    t.append(": a possible fork (another token was nearly as likely), checked after the chain", style="dim")
     return t
+
+
+def live_proposal(rec) -> bool:
+    """A possible fork, known as the token streams: the chosen token had under 1/2 of the
+    probability and the strongest other token at least 1/5 (the analysis measures it)."""
+    others = [a.prob for a in rec.top if a.id != rec.id]
+    return rec.prob < 0.5 and bool(others) and others[0] >= 0.2
 
 
 class AskView:
@@ -84,9 +94,12 @@ class AskView:
         self.out.print(legend())
         self.out.rule(style="dim")
 
-    def token(self, text: str, prob: float) -> None:
+    def token(self, text: str, prob: float, possible_fork: bool = False) -> None:
+        """One streamed token, tinted by its probability; underlined when it is a possible
+        fork (live_proposal), which the analysis afterwards confirms or clears."""
         # soft_wrap: the terminal wraps; Rich does not know the column mid-line
-        self.out.print(Text(text, style=tint(prob)), end="", soft_wrap=True)
+        style = tint(prob) + (" underline" if possible_fork and text.strip() else "")
+        self.out.print(Text(text, style=style), end="", soft_wrap=True)
         self.out.file.flush()
 
     def analyzing(self, budget: int, exact: bool = False):
@@ -340,7 +353,7 @@ class BenchView:
         "forward": "(1) sage forward",
         "track": "(2) + tracking",
         "analysis": "(3) + analysis",
-        "rollouts": "(4) + rollouts",
+        "rollouts": "(4) + sampled forks",
     }
 
     def __init__(self, out: Console = console) -> None:
@@ -441,7 +454,7 @@ class BenchView:
         for c, row in r["configs"].items():
             if "vote_accuracy" in row:
                 self.out.print(Text(
-                    f"greedy {row['accuracy']:.2f} vs branch-vote {row['vote_accuracy']:.2f}; tokens per problem "
+                    f"greedy {row['accuracy']:.2f} vs vote of the samples {row['vote_accuracy']:.2f}; tokens per problem "
                     f"{row['tokens_per_problem']:.0f} vs {row['vote_tokens_per_problem']:.0f}", style="dim"))
         self.out.print(Text(f"heads: {r.get('heads', 'analytic (built in)')}", style="dim"))
         if saved:
