@@ -89,7 +89,7 @@ def test_branch_vote():
 
 
 def _bench(*args):
-    r = runner.invoke(app, ["bench", "--problems", "arithmetic", "--n", "1", "--reps", "1", "--max-tokens", "24", "--json", *args])
+    r = runner.invoke(app, ["bench", "--problems", "arithmetic", "--n", "1", "--reps", "1", "--max-tokens", "24", "--budget", "300", "--json", *args])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -108,7 +108,7 @@ def test_short_bench_every_configuration():
     saved = list((Path(os.environ["SAGE_HOME"]) / "bench").glob("*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["configs"].keys() == res["configs"].keys()
     seqs = res["sequences_tokens_per_s"]  # this machine's decode throughput with several sequences
-    assert list(seqs) == ["1", "4", "8", "16"] and all(_positive_finite(v) for v in seqs.values())
+    assert list(seqs) == ["1", "4", "8", "16", "32"] and all(_positive_finite(v) for v in seqs.values())
 
 
 def test_multi_sequence_throughput(smollm2_path):
@@ -153,7 +153,7 @@ def test_progress_labels_and_steps():
     from sage.cli.ui import BenchView
 
     v = BenchView()
-    assert v.describe(Step("rollouts", 2, 2, 3, 5, "problem")) == "(4) + rollouts · rep 2/2 · problem 3/5"
+    assert v.describe(Step("rollouts", 2, 2, 3, 5, "problem")) == "(4) + sampled forks · rep 2/2 · problem 3/5"
     assert v.describe(Step("track", 1, 2, 0, 5, "warmup")) == "(2) + tracking · rep 1/2 · warm-up"
     assert v.describe(Step("llama", 0, 2, 0, 5, "warmup")) == "(0) llama-cpp-python · warm-up"
     assert v.describe(Step("forward", 1, 3, 0, 5, "load")) == "(1) sage forward · rep 1/3 · loading the model"

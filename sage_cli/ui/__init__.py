@@ -360,7 +360,7 @@ class BenchView:
         self.out = out
 
     def describe(self, step) -> str:
-        """What a sage.bench.Step says is running, e.g. "(4) + rollouts · rep 2/2 · problem 3/5"."""
+        """What a sage.bench.Step says is running, e.g. "(4) + sampled forks · rep 2/2 · problem 3/5"."""
         if step.phase == "load" and not step.config:
             return "loading the models"
         parts = [self.LABELS.get(step.config, step.config)]
