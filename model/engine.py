@@ -80,18 +80,16 @@ def default_threads() -> int:
 
 
 def check_gguf_file(path: Path) -> None:
-    """Refuse what is clearly not a GGUF model before llama.cpp sees it."""
+    """Refuse what is not a GGUF model, or one llama.cpp would abort on, before llama.cpp
+    sees it (sage.gguf_check: header, metadata, tensor table, vocabulary; bounded
+    reads, no tensor data)."""
+    from sage.gguf_check import check_model
+
     if not path.exists():
         raise SageError(f"model file not found: {path}")
     if not path.is_file():
         raise SageError(f"model path is not a file: {path}")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise SageError(f"cannot read model file {path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise SageError(f"{path} is not a GGUF model file (no GGUF header)")
+    check_model(path)
 
 
 @dataclass

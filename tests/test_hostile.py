@@ -1,0 +1,226 @@
+"""Hostile and broken input (issue 17): one test per reproducer, and property-based
+tests (hypothesis) of the loaders. A bad file or option gets one line and exit code 2,
+never an abort, a traceback, an escape sequence on the terminal or markup."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import one_line_error
+from sage.errors import SageError
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+FUZZ = settings.get_profile("sage-fuzz")
+FUZZ_SLOW = settings.get_profile("sage-fuzz-slow")
+SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "model" / "sidecars" / "smollm2-135m.sage.gguf"
+
+
+class CliResult:
+    """A subprocess result shaped like CliRunner's, for helpers.one_line_error."""
+
+    def __init__(self, p):
+        self.exit_code, self.stdout, self.stderr = p.returncode, p.stdout, p.stderr
+        self.output = p.stdout + p.stderr
+
+
+# --- 1. GGUF files are checked before llama.cpp sees them ------------------------------
+
+
+def _flip(src: Path, dst: Path, offset: int, byte: int) -> Path:
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes([byte]))
+    return dst
+
+
+def test_duplicate_vocabulary_string_is_refused_not_aborted(tmp_path, smollm2_path, run_sage):
+    # 0xa5 at 3265 turns a vocabulary string into a copy of another: llama.cpp asserts
+    # id_to_token.size() == token_to_id.size() and aborts the process (exit 134)
+    bad = _flip(smollm2_path, tmp_path / "dup.gguf", 3265, 0xA5)
+    from sage.engine import check_gguf_file
+
+    with pytest.raises(SageError, match="repeats token"):
+        check_gguf_file(bad)
+    r = CliResult(run_sage("ask", "hi", "--model", str(bad), "--max-tokens", "2", "--no-track", timeout=120))
+    one_line_error(r, "cannot load", "corrupt model file", "repeats token")
+
+
+def _header(n_tensors: int, n_kv: int, version: int = 3) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+@pytest.mark.parametrize("n_tensors,n_kv", [(2**62, 0), (0, 2**62), (2**64 - 1, 2**64 - 1)])
+def test_absurd_counts_are_refused(tmp_path, n_tensors, n_kv):
+    from sage.gguf_check import GGUFError, parse
+    from sage.heads import SageHeads
+
+    f = tmp_path / "h.sage.gguf"
+    f.write_bytes(_header(n_tensors, n_kv))
+    with pytest.raises(GGUFError, match="cannot fit"):
+        parse(f)
+    with pytest.raises(SageError, match="not a SAGE heads file"):
+        SageHeads.load(f)
+
+
+def test_absurd_sidecar_under_heads_show_and_ask(tmp_path):
+    from typer.testing import CliRunner
+    from sage.cli.main import app
+
+    f = tmp_path / "x.sage.gguf"
+    f.write_bytes(_header(2**62, 0))
+    r = CliRunner().invoke(app, ["heads", "show", str(f)])
+    one_line_error(r, "not a SAGE heads file", "cannot fit")
+    r = CliRunner().invoke(app, ["ask", "hi", "--heads", str(f)])
+    one_line_error(r, "not a SAGE heads file")
+
+
+def test_block_count_llama_asserts_on_is_refused(tmp_path, smollm2_path):
+    from sage.gguf_check import GGUFError, check_model, parse
+
+    g = parse(smollm2_path, keep=())
+    # the offset of llama.block_count's value: the key sits in the file as length + bytes + type
+    raw = Path(smollm2_path).read_bytes()[: g.data_offset]
+    key = b"llama.block_count"
+    at = raw.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4
+    for n in (0, 513):
+        f = tmp_path / f"layers{n}.gguf"
+        shutil.copyfile(smollm2_path, f)
+        with open(f, "r+b") as fh:
+            fh.seek(at)
+            fh.write(struct.pack("<I", n))
+        with pytest.raises(GGUFError, match="block_count"):
+            check_model(f)
+
+
+def test_tensor_past_the_end_is_refused(tmp_path, smollm2_path):
+    from sage.gguf_check import GGUFError, check_model, parse
+
+    g = parse(smollm2_path, keep=())
+    last = max(g.tensors, key=lambda t: t.offset)
+    f = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as src, open(f, "wb") as dst:
+        dst.write(src.read(g.data_offset + last.offset + last.nbytes - 1))  # one byte short
+    with pytest.raises(GGUFError, match=f"{last.name}.*past the end"):
+        check_model(f)
+
+
+def test_model_check_is_fast(smollm2_path):
+    import time
+
+    from sage.gguf_check import check_model
+
+    t = time.perf_counter()
+    g = check_model(smollm2_path)
+    assert len(g.tensors) == 272 and g.value("tokenizer.ggml.tokens")[0] is not None
+    assert time.perf_counter() - t < 0.5  # ~20 ms here; generous for a loaded machine
+
+
+# property-based: random edits of the shipped sidecar (80 KB) and of a small model GGUF;
+# the only exception allowed is the documented one
+
+
+def _tiny_model(path: Path) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(2)
+    w.add_tokenizer_model("gpt2")
+    toks = [f"t{i}" for i in range(64)]
+    w.add_token_list(toks)
+    w.add_token_types([1] * 64)
+    w.add_token_merges(["t 1", "t 2"])
+    w.add_tensor("token_embd.weight", np.zeros((64, 32), np.float32))
+    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return _tiny_model(tmp_path_factory.mktemp("gguf") / "tiny.gguf").read_bytes()
+
+
+@st.composite
+def edits(draw, data: bytes, head: int):
+    """A few bytes overwritten (most in the first `head` bytes, where the structure
+    is), a u64 set to a boundary value, and maybe the file cut short."""
+    b = bytearray(data)
+    for _ in range(draw(st.integers(1, 6))):
+        at = draw(st.one_of(st.integers(0, head - 1), st.integers(0, len(b) - 1)))
+        b[at] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, head - 8))
+        v = draw(st.sampled_from([0, 1, 2**31, 2**32 - 1, 2**32, 2**62, 2**63, 2**64 - 1]))
+        b[at : at + 8] = v.to_bytes(8, "little")
+    if draw(st.integers(0, 4)) == 0:
+        b = b[: draw(st.integers(0, len(b)))]
+    return bytes(b)
+
+
+def _check_gguf_raises_only_gguf_error(tmp_path, data: bytes) -> None:
+    from sage.gguf_check import GGUFError, check_model
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(data)
+    try:
+        check_model(f)
+    except GGUFError:
+        pass
+
+
+def _load_heads_raises_only_sage_error(tmp_path, data: bytes) -> None:
+    from sage.heads import SageHeads
+
+    f = tmp_path / "m.sage.gguf"
+    f.write_bytes(data)
+    try:
+        SageHeads.load(f)
+    except SageError:
+        pass
+
+
+def _fuzz(fn, data: bytes, head: int, profile):
+    @profile
+    @given(edits(data, head))
+    def run(mutated):
+        fn(run.tmp, mutated)
+
+    return run
+
+
+def test_fuzz_gguf_check(tmp_path, tiny_model):
+    run = _fuzz(_check_gguf_raises_only_gguf_error, tiny_model, 1200, FUZZ)
+    run.tmp = tmp_path
+    run()
+
+
+def test_fuzz_sidecar_reader(tmp_path):
+    data = SHIPPED_HEADS.read_bytes()
+    run = _fuzz(_load_heads_raises_only_sage_error, data, 2500, FUZZ)
+    run.tmp = tmp_path
+    run()
+
+
+@pytest.mark.slow
+def test_fuzz_gguf_check_10000(tmp_path, tiny_model):
+    run = _fuzz(_check_gguf_raises_only_gguf_error, tiny_model, 1200, FUZZ_SLOW)
+    run.tmp = tmp_path
+    run()
+
+
+@pytest.mark.slow
+def test_fuzz_sidecar_reader_10000(tmp_path):
+    run = _fuzz(_load_heads_raises_only_sage_error, SHIPPED_HEADS.read_bytes(), 2500, FUZZ_SLOW)
+    run.tmp = tmp_path
+    run()
