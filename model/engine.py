@@ -206,9 +206,11 @@ class Engine:
         self._piece_buf = ctypes.create_string_buffer(256)
         tmpl = llama_cpp.llama_model_chat_template(model, None)
         self.chat_template: bytes | None = tmpl or None
+        from sage.text import encodable
+
         self.info = ModelInfo(
-            name=name or self.meta("general.name") or path.stem,
-            path=str(path),
+            name=encodable(name or self.meta("general.name") or path.stem),
+            path=encodable(str(path)),
             architecture=self.architecture,
             description=self._desc(),
             size_bytes=path.stat().st_size,

@@ -122,7 +122,9 @@ def _cut_at_stop(tokens: list[TokenRecord], stops: tuple[str, ...]) -> list[Toke
 
 def check_problem(problem: str) -> str:
     """The problem, stripped; a SageError if there is nothing to reason about."""
-    problem = (problem or "").strip()
+    from sage.text import encodable
+
+    problem = encodable(problem or "").strip()
     if not problem:
         raise SageError('the problem is empty; give a question, e.g. sage ask "What is 17 * 3?"')
     return problem

@@ -224,3 +224,143 @@ def test_fuzz_sidecar_reader_10000(tmp_path):
     run = _fuzz(_load_heads_raises_only_sage_error, SHIPPED_HEADS.read_bytes(), 2500, FUZZ_SLOW)
     run.tmp = tmp_path
     run()
+
+
+# --- 2. untrusted text is shown as text: no markup, no escape sequences ----------------
+
+OSC = "\x1b]0;pwned\x07\x1b[31mred"  # sets the terminal's title, then turns it red
+LINK = "[link=http://evil]y"
+
+
+def _hostile_trace():
+    from test_explain import make_trace
+
+    t = make_trace(problem=OSC)
+    t.model.name = "[bold]m\x1b[2J"
+    d = t.analysis.decisions[0]
+    d.text = "[/]"
+    d.alternatives[0].text = LINK
+    d.alternatives[1].text = "\x1b[5m"
+    d.branches[0].token_text = LINK
+    d.branches[0].text = f" {LINK} \x1b]8;;http://evil\x1b\\x\x1b]8;;\x1b\\ \x9b31m"
+    d.branches[0].answer = "[/]7\x1b[0m"
+    d.dependencies[0].text = "[red]\x1b[1m"
+    t.analysis.notes = [f"note {OSC}"]
+    t.analysis.explanation.alternatives = [f"With {LINK} the answer becomes 7\x1b[0m."]
+    t.steps[1].text = t.steps[1].text.replace("Four", "F\x1b[8mour")
+    return t
+
+
+def _render(renderable, terminal: bool) -> str:
+    import io
+
+    from rich.console import Console
+
+    from sage.cli.ui import THEME
+
+    out = io.StringIO()
+    con = Console(file=out, theme=THEME, width=120, force_terminal=terminal,
+                  color_system="truecolor" if terminal else None, highlight=False)
+    con.print(renderable)
+    return out.getvalue()
+
+
+def _assert_inert(out: str, terminal: bool = False) -> None:
+    # without a terminal rich writes no escape sequence of its own: any ESC came from the text
+    if not terminal:
+        assert "\x1b" not in out and "\x9b" not in out, repr(out)
+    assert "\x1b]0;" not in out and "\x1b]8;" not in out and "\x07" not in out  # no title, no hyperlink
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_ask_view_shows_untrusted_text_literally(terminal):
+    from sage.cli.ui import AskView
+
+    t = _hostile_trace()
+    view = AskView()
+    out = _render(view.decision_panel(t.analysis.decisions[0]), terminal)
+    _assert_inert(out, terminal)
+    assert "'[/]'" in out and repr(LINK) in out and "[/]7" in out
+    import io
+
+    from rich.console import Console
+
+    from sage.cli.ui import THEME
+
+    buf = io.StringIO()
+    view = AskView(Console(file=buf, theme=THEME, width=120, force_terminal=terminal,
+                           color_system="truecolor" if terminal else None))
+    view.header(t.problem, t.model.name, "desc [/]", 20)
+    for tok in ("a", "\x1b]0;x\x07", "[/]"):
+        view.token(tok, 0.9)
+    view.summary(t, None)
+    out = buf.getvalue()
+    _assert_inert(out, terminal)
+    assert "␛]0;pwned␇␛[31mred" in out and "[bold]m␛[2J" in out and LINK in out
+
+
+def test_tree_and_exports_from_a_hostile_trace(tmp_path):
+    import xml.etree.ElementTree as ET
+    from html.parser import HTMLParser
+
+    from typer.testing import CliRunner
+
+    from sage.cli.main import app
+    from sage.trace import save_trace
+
+    saved = save_trace(_hostile_trace(), tmp_path)
+    svg, html_file = tmp_path / "x.svg", tmp_path / "x.html"
+    r = CliRunner().invoke(app, ["explain", "--tree", str(saved), "--svg", str(svg), "--html", str(html_file)])
+    assert r.exit_code == 0, r.output
+    _assert_inert(r.output)
+    assert "␛]0;pwned␇␛[31mred" in r.output and LINK in r.output and "[/]" in r.output
+    root = ET.fromstring(svg.read_text(encoding="utf-8"))  # well-formed XML
+    assert root.tag.endswith("svg")
+    doc = html_file.read_text(encoding="utf-8")
+    HTMLParser().feed(doc)
+    assert not any(c in doc for c in "\x1b\x07\x9b")
+
+
+def test_heads_show_prints_sidecar_metadata_literally(tmp_path):
+    from typer.testing import CliRunner
+
+    from sage.cli.main import app
+    from sage.heads import SageHeads
+
+    h = SageHeads.analytic("fp" * 16, "[/]" + OSC, [1, 2], 9)
+    h.info = {"data": LINK, "x\x1b[2J": "[bold]y\x1b]0;t\x07", "metrics": '{"auroc_analytic": "[/]"}'}
+    f = tmp_path / "evil.sage.gguf"
+    h.save(f)
+    r = CliRunner().invoke(app, ["heads", "show", str(f)])
+    assert r.exit_code == 0, r.output
+    _assert_inert(r.output)
+    assert LINK in r.output and "[/]␛]0;pwned" in r.output and "[bold]y␛]0;t␇" in r.output
+
+
+def test_error_line_escapes_control_characters():
+    from typer.testing import CliRunner
+
+    from sage.cli.main import app
+
+    r = CliRunner().invoke(app, ["ask", "hi", "--model", f"/nonexistent/{OSC}.gguf"])
+    line = one_line_error(r, "not found")
+    assert "\x1b" not in r.output and "\x07" not in r.output
+    assert line.endswith("/nonexistent/␛]0;pwned␇␛[31mred.gguf")
+
+
+def test_untrusted_rule():
+    from sage.cli.ui.safe import text, untrusted
+
+    assert untrusted("a\x1b[31mb\r\n\tc\x7f") == "a␛[31mb␍\n\tc␡"
+    assert untrusted("a\nb\tc", multiline=False) == "a␊b␉c"
+    assert untrusted("\x85\u202e\udcff\ufffe") == "\\x85\\u202e\\xff\\ufffe"
+    assert untrusted("plain [b]text[/b] ünïcode ✓") == "plain [b]text[/b] ünïcode ✓"
+    assert text("[/]").plain == "[/]"
+
+
+def test_ask_with_escape_sequences_in_the_problem(run_sage):
+    # a real `sage ask` process: what it writes to stdout/stderr must hold no ESC/BEL byte
+    p = run_sage("ask", OSC, "--max-tokens", "6", "--alternatives", "0", timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "\x1b" not in p.stdout + p.stderr and "\x07" not in p.stdout + p.stderr
+    assert "Problem ␛]0;pwned␇␛[31mred" in p.stdout

@@ -15,6 +15,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.theme import Theme
 
+from sage.cli.ui.safe import text as safe_text, untrusted  # the rule for untrusted text
+
 THEME = Theme(
     {
         "tok.sure": "default",
@@ -53,13 +55,14 @@ def confidence_style(c: float) -> str:
 
 
 def bar(value: float, width: int = 10) -> Text:
-    filled = max(0, min(width, round(value * width)))
+    # a trace file may hold NaN or 1e308: clamp before rounding
+    filled = round(min(max(value, 0.0), 1.0) * width) if value == value else 0
     return Text("█" * filled + "░" * (width - filled), style=confidence_style(value))
 
 
 def error(message: str) -> None:
     """One line on stderr, no markup interpretation of the message."""
-    err_console.print(Text("error: ", style="error") + Text(message), soft_wrap=True)
+    err_console.print(Text("error: ", style="error") + safe_text(message, multiline=False), soft_wrap=True)
 
 
 def legend() -> Text:
@@ -77,14 +80,14 @@ class AskView:
         self.out = out
 
     def header(self, problem: str, model_name: str, description: str, prompt_tokens: int) -> None:
-        self.out.print(Text.assemble(("Problem ", "title"), problem))
-        self.out.print(Text(f"model {model_name} · {description} · prompt {prompt_tokens} tokens", style="dim"))
+        self.out.print(Text.assemble(("Problem ", "title"), untrusted(problem)))
+        self.out.print(Text(untrusted(f"model {model_name} · {description} · prompt {prompt_tokens} tokens"), style="dim"))
         self.out.print(legend())
         self.out.rule(style="dim")
 
     def token(self, text: str, prob: float) -> None:
         # soft_wrap: the terminal wraps; Rich does not know the column mid-line
-        self.out.print(Text(text, style=tint(prob)), end="", soft_wrap=True)
+        self.out.print(safe_text(text, style=tint(prob)), end="", soft_wrap=True)
         self.out.file.flush()
 
     def analyzing(self, n_decisions_max: int, n_alternatives: int, exact: bool = False):
@@ -120,7 +123,7 @@ class AskView:
                 if step.token_start <= d.token_index < step.token_end:
                     marks[d.token_index] = d
         if not marks:
-            return Text(step.text)
+            return safe_text(step.text)
         out = Text()
         pos = step.char_start
         offs = 0
@@ -134,11 +137,11 @@ class AskView:
             a0, a1 = max(a0, step.char_start), min(a1, step.char_end)
             if a0 < pos or a1 <= a0:
                 continue
-            out.append(trace.text[pos:a0])
-            out.append(trace.text[a0:a1], style="decision")
+            out.append(untrusted(trace.text[pos:a0]))
+            out.append(untrusted(trace.text[a0:a1]), style="decision")
             out.append(f"[{d.rank}: {d.significance:.2f}]", style="sig")
             pos = a1
-        out.append(trace.text[pos : step.char_end])
+        out.append(untrusted(trace.text[pos : step.char_end]))
         return out
 
     def summary(self, trace, saved: Path | None) -> None:
@@ -184,11 +187,11 @@ class AskView:
             if b is None:
                 lead = Text("not rolled out", style="dim")
             elif b.changed:
-                lead = Text.assemble((f"different answer: {b.answer}", "changed"), (f"  ({b.n_tokens} tokens)", "dim"))
+                lead = Text.assemble((f"different answer: {untrusted(b.answer)}", "changed"), (f"  ({b.n_tokens} tokens)", "dim"))
             else:
-                lead = Text.assemble((f"same answer: {b.answer}", "same"), (f"  ({b.n_tokens} tokens)", "dim"))
-            table.add_row(repr(alt.text), f"{alt.prob:.2f}", lead)
-        deps = ", ".join(f"{x.text.strip() or repr(x.text)} ({x.weight:.2f})" for x in d.dependencies[:3])
+                lead = Text.assemble((f"same answer: {untrusted(b.answer)}", "same"), (f"  ({b.n_tokens} tokens)", "dim"))
+            table.add_row(Text(repr(alt.text)), f"{alt.prob:.2f}", lead)  # repr: control characters escaped
+        deps = untrusted(", ".join(f"{x.text.strip() or repr(x.text)} ({x.weight:.2f})" for x in d.dependencies[:3]), False)
         title = (
             f"decision {d.rank} · step {d.step + 1} · significance {d.significance:.2f}"
             + (f" · {d.merged} more in this step" if d.merged else "")
@@ -218,9 +221,9 @@ class AskView:
             ("Critical dependencies", e.dependencies),
         ):
             if lines:
-                parts += [Text(title, style="section"), rows((" •", Text(line)) for line in lines)]
+                parts += [Text(title, style="section"), rows((" •", safe_text(line)) for line in lines)]
         if analysis.notes:
-            parts.append(rows((Text("refined", style="warn"), Text(n, style="warn")) for n in analysis.notes))
+            parts.append(rows((Text("refined", style="warn"), safe_text(n, style="warn")) for n in analysis.notes))
         grid = Group(*parts)
         return Panel(grid, title="Explanation", title_align="left", border_style="cyan")
 
@@ -230,7 +233,7 @@ class AskView:
         if a is None or a.value is None:
             body = Text("no final answer found in the output", style="warn")
         else:
-            body = Text.assemble(("Answer ", "bold"), (a.value, "answer"))
+            body = Text.assemble(("Answer ", "bold"), (untrusted(a.value, False), "answer"))
             an = trace.analysis
             conf = an.answer_confidence if an and an.answer_confidence is not None else a.confidence
             if conf is not None:
@@ -306,7 +309,7 @@ class BenchView:
     def results(self, r: dict, saved: Path | None) -> None:
         mem = r["mem"]
         table = Table(
-            title=f"sage bench · {r['model']} · {r['problems']} · {r['reps']} reps · ≤{r['max_tokens']} tokens",
+            title=Text(untrusted(f"sage bench · {r['model']} · {r['problems']} · {r['reps']} reps · ≤{r['max_tokens']} tokens")),
             title_style="title", show_edge=False,
         )
         for col, j in (("configuration", "left"), ("tok/s (min–max)", "right"), ("s / problem", "right"),
