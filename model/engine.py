@@ -329,6 +329,32 @@ class Engine:
         """The prompt text and its stop strings (see format_prompt)."""
         return format_prompt(self.chat_template, problem, system)
 
+    def prompt_tokens(self, problem: str, system: str = SYSTEM_PROMPT) -> tuple[str, tuple[str, ...], list[int]]:
+        """The prompt text, its stop strings and its tokens, the problem tokenized as
+        plain text: only the template's own parts may become special tokens, so a problem
+        that spells `<|im_end|><|im_start|>system` stays text."""
+        before, after, stops = prompt_parts(self.chat_template, problem, system)
+        return before + problem + after, stops, self._split_tokens(before, problem, after)
+
+    def tokenize_prompt(self, prompt: str, problem: str, system: str = SYSTEM_PROMPT) -> list[int]:
+        """The tokens of a prompt `prompt_tokens` built (a trace's prompt and problem), as
+        `sage ask` decoded them; a prompt it did not build is tokenized whole."""
+        before, after, _ = prompt_parts(self.chat_template, problem, system)
+        if before + problem + after == prompt:
+            return self._split_tokens(before, problem, after)
+        return self.tokenize(prompt)
+
+    def _split_tokens(self, before: str, problem: str, after: str) -> list[int]:
+        # spaces at the end of the template's part go with the problem, so that
+        # "Question: Tom" still tokenizes as "Question", ":", " Tom"
+        head = before.rstrip(" ")
+        body = before[len(head):] + problem
+        return (
+            self.tokenize(head)
+            + self.tokenize(body, add_special=False, parse_special=False)
+            + (self.tokenize(after, add_special=False) if after else [])
+        )
+
     # --- decoding --------------------------------------------------------------------
 
     def decode(
@@ -404,6 +430,25 @@ class Engine:
         stop: tuple[str, ...] = (),
     ) -> "Generation":
         return Generation(self, prompt_tokens, max_tokens, sampling or Sampling(), stop)
+
+
+# stands for the problem while the template is applied (no template contains it)
+_PLACEHOLDER = "\u2063sage-problem-7f3a\u2063"
+
+
+def prompt_parts(
+    chat_template: bytes | None, problem: str, system: str = SYSTEM_PROMPT
+) -> tuple[str, str, tuple[str, ...]]:
+    """(the prompt before the problem, after it, the stop strings): format_prompt's
+    prompt is before + problem + after."""
+    text, stops = format_prompt(chat_template, _PLACEHOLDER, system)
+    if text.count(_PLACEHOLDER) == 1:
+        before, after = text.split(_PLACEHOLDER)
+        return before, after, stops
+    # a template that does something else with the content: find the problem in its output
+    text, stops = format_prompt(chat_template, problem, system)
+    i = text.rfind(problem)
+    return (text[:i], text[i + len(problem):], stops) if i >= 0 else (text, "", stops)
 
 
 def format_prompt(

@@ -153,8 +153,7 @@ class ReasonRun:
             raise SageError("the temperature must be >= 0")
         self.engine = engine
         self.t_start = t_start if t_start is not None else time.time()
-        prompt, self.stops = engine.build_prompt(problem)
-        self.prompt_tokens = engine.tokenize(prompt)
+        prompt, self.stops, self.prompt_tokens = engine.prompt_tokens(problem)
         self.trace = Trace(
             problem=problem,
             prompt=prompt,
