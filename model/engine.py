@@ -496,7 +496,7 @@ class Generation:
         eng = self.engine
         eng.reset()
         if eng.tracker is not None:
-            eng.tracker.allocate(eng.n_ctx, self.max_tokens + 1)
+            eng.tracker.allocate(eng.n_ctx, min(self.max_tokens, eng.n_ctx) + 1)  # the context ends it anyway
         # row k of the tracker: the query that produced generated token k
         eng.decode(self.prompt_tokens, 0, track_row=0)
         pos = len(self.prompt_tokens)

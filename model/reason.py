@@ -149,8 +149,10 @@ class ReasonRun:
         problem = check_problem(problem)
         if max_tokens < 1:
             raise SageError("max_tokens must be at least 1")
-        if temperature < 0:
-            raise SageError("the temperature must be >= 0")
+        if not 0 <= temperature < math.inf:
+            raise SageError("the temperature must be a number >= 0")
+        if not 0 <= seed < 2**63:
+            raise SageError("the seed must be between 0 and 2**63 - 1")
         self.engine = engine
         self.t_start = t_start if t_start is not None else time.time()
         prompt, self.stops, self.prompt_tokens = engine.prompt_tokens(problem)

@@ -17,6 +17,13 @@ from sage.cli.options import user_errors
 
 
 def _check_target(path: Path, force: bool) -> None:
+    try:
+        _check_target_path(path, force)
+    except OSError as e:  # a name too long, a path through a file
+        raise SageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _check_target_path(path: Path, force: bool) -> None:
     if path.is_dir():
         raise SageError(f"{path} is a directory; give a file name")
     if path.exists() and not force:

@@ -410,3 +410,246 @@ def test_split_tokenization_of_a_plain_problem_is_unchanged(engine, template):
         assert engine.prompt_tokens(problem)[2] == engine.tokenize(prompt)
     finally:
         engine.chat_template = saved
+
+
+# --- 4. options and sidecars checked before work starts; odd numbers in traces ---------
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--seed", "-1"], "--seed"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--temperature", "inf"], "--temperature"),
+        (["--threads", "100000"], "--threads"),
+        (["--ctx", "99999999999"], "--ctx"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(args, needle):
+    from typer.testing import CliRunner
+    from sage.cli.main import app
+
+    one_line_error(CliRunner().invoke(app, ["ask", "hi", *args]), needle)
+
+
+def test_library_refuses_bad_sampling(engine):
+    from sage.reason import ReasonRun
+
+    for kw in ({"seed": -1}, {"temperature": float("nan")}, {"temperature": float("inf")}):
+        with pytest.raises(SageError):
+            ReasonRun(engine, "hi", **kw)
+
+
+def test_non_utf8_argv_problem(run_sage):
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("sage")
+    # the bytes "x\xff" as argv: Python hands it over as 'x\udcff' (surrogateescape)
+    p = subprocess.run([os.fsencode(exe), b"ask", b"x\xff", b"--max-tokens", b"3", b"--no-track"],
+                       capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr.decode("utf-8", "replace")
+    assert b"UnicodeEncodeError" not in p.stderr and "Problem x\ufffd".encode() in p.stdout
+
+
+def test_long_file_names_get_one_line(tmp_path):
+    from typer.testing import CliRunner
+    from sage.cli.main import app
+    from sage.trace import save_trace
+    from test_explain import make_trace
+
+    saved = save_trace(make_trace(), tmp_path)
+    r = CliRunner().invoke(app, ["explain", str(saved), "--svg", str(tmp_path / ("a" * 300 + ".svg"))])
+    one_line_error(r, "File name too long")
+    r = CliRunner().invoke(app, ["ask", "hi", "--model", str(tmp_path / ("a" * 300 + ".gguf"))])
+    one_line_error(r, "File name too long")
+
+
+@pytest.mark.parametrize("what", ["readout", "meta", "block", "nan"])
+def test_sidecar_that_does_not_fit_is_refused_at_load(tmp_path, what):
+    from sage.heads import SageHeads
+
+    h = SageHeads.analytic("fp" * 16, "m", [1, 2], 9)
+    if what == "readout":
+        h.inverse.readout = np.zeros(17, np.float32)  # the layer is 16 wide
+    elif what == "meta":
+        h.meta.w = np.zeros(3, np.float32)
+    elif what == "block":
+        h.inverse.blocks[2]["w1"] = np.zeros((16, 16), np.float32)
+    else:
+        h.inverse.w_in[0, 0] = np.nan
+    f = tmp_path / "bad.sage.gguf"
+    h.save(f)
+    with pytest.raises(SageError, match="not a valid SAGE heads file"):
+        SageHeads.load(f)
+
+
+def _trace_file(tmp_path, edit) -> Path:
+    import json
+
+    from test_explain import make_trace
+
+    d = make_trace().to_dict()
+    raw = edit(d) if edit else None
+    f = tmp_path / "t.json"
+    f.write_text(raw if isinstance(raw, str) else json.dumps(d), encoding="utf-8")
+    return f
+
+
+def _render_all(trace) -> None:
+    import io
+
+    from rich.console import Console
+
+    from sage.cli.ui import THEME, AskView
+    from sage.cli.ui.tree import export_tree, show_tree
+
+    con = Console(file=io.StringIO(), theme=THEME, width=100)
+    AskView(con).summary(trace, None)
+    show_tree(trace, con)
+    export_tree(trace, "svg")
+    export_tree(trace, "html")
+
+
+@pytest.mark.parametrize(
+    "name,edit",
+    [
+        ("nan", lambda d: d["analysis"].update(answer_confidence=float("nan"))),
+        ("1e308", lambda d: d["answer"].update(confidence=1e308)),
+        ("-inf", lambda d: d["steps"][0].update(confidence=float("-inf"))),
+        ("huge step", lambda d: d["steps"][1].update(confidence=1e308)),
+    ],
+)
+def test_trace_with_odd_numbers_renders(tmp_path, name, edit):
+    from sage.trace import load_trace
+
+    _render_all(load_trace(_trace_file(tmp_path, edit)))
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda d: "[" * 200_000, "nested"),
+        (lambda d: __import__("json").dumps(d).replace('"prompt_tokens": 20', '"prompt_tokens": ' + "9" * 5000), "digits"),
+        (lambda d: d["analysis"]["decisions"][0].update(token_index=10**6), "outside"),
+        (lambda d: d["steps"][0].update(token_end=10**6), "outside"),
+    ],
+)
+def test_broken_trace_is_one_trace_error(tmp_path, edit, needle):
+    from typer.testing import CliRunner
+
+    from sage.cli.main import app
+
+    r = CliRunner().invoke(app, ["explain", str(_trace_file(tmp_path, edit))])
+    one_line_error(r, needle if needle != "nested" else "recursion")
+
+
+def test_answer_extraction_of_huge_numbers():
+    from sage.problems import Problem, score
+    from sage.steps import extract_answer
+
+    f = extract_answer("The answer is " + "9" * 5000 + ".")
+    assert f.value.isdigit() and f.value.startswith("99")
+    assert extract_answer("[" * 200_000).value is None
+    assert score("9" * 5000, Problem("q", "9" * 5000, "number")) in (True, False)
+
+
+# --- 5. loaders raise only the documented error; newer keys are ignored ------------------
+
+
+def test_unknown_keys_in_nested_objects_are_ignored(tmp_path):
+    from sage.trace import load_trace
+
+    def newer(d):
+        d["future"] = 1
+        d["model"]["quantizer"] = "x"
+        d["tokens"][0]["sampled"] = [0.1]
+        d["steps"][0]["label"] = "a"
+        d["answer"]["unit"] = "$"
+        d["analysis"]["distribution"] = {"7": 0.2}
+        d["analysis"]["decisions"][0]["outcomes"] = {"12": 3}
+        d["analysis"]["decisions"][0]["branches"][0]["samples"] = 4
+        d["analysis"]["decisions"][0]["alternatives"][0]["logit"] = 1.0
+        d["analysis"]["decisions"][0]["dependencies"][0]["layer"] = 3
+        d["analysis"]["explanation"]["summary"] = ["x"]
+
+    t = load_trace(_trace_file(tmp_path, newer))
+    assert t.analysis.decisions[0].branches[0].answer == "7" and t.timings == {}
+
+
+def _json_values():
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from(["<BIG>", -1, 0, 2**63]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.lists(st.sampled_from(list("ab 7[]/=\n\x1b\x07\x00\ud800") + ["[/]", "[link=x]"]), max_size=6).map("".join),
+    )
+    return st.recursive(scalars, lambda v: st.one_of(st.lists(v, max_size=3), st.dictionaries(st.text(max_size=5), v, max_size=3)), max_leaves=6)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+@st.composite
+def trace_mutations(draw):
+    import copy
+    import json
+
+    from test_explain import make_trace
+
+    d = copy.deepcopy(make_trace().to_dict())
+    for _ in range(draw(st.integers(1, 3))):
+        paths = list(_paths(d))[1:]
+        path = draw(st.sampled_from(paths))
+        parent = d
+        for k in path[:-1]:
+            parent = parent[k]
+        op = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
+        if op == "replace":
+            parent[path[-1]] = draw(_json_values())
+        elif op == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[draw(st.text(max_size=6))] = draw(_json_values())
+    return json.dumps(d).replace('"<BIG>"', "9" * 5000)  # a number of 5000 digits
+
+
+def _load_trace_raises_only_trace_error(tmp_path, raw: str) -> None:
+    from sage.trace import TraceError, load_trace
+
+    f = tmp_path / "t.json"
+    f.write_text(raw, encoding="utf-8", errors="surrogatepass")
+    try:
+        trace = load_trace(f)
+    except TraceError:
+        return
+    _render_all(trace)  # whatever loads, renders
+
+
+def _trace_fuzz(profile):
+    @profile
+    @given(trace_mutations())
+    def run(raw):
+        _load_trace_raises_only_trace_error(run.tmp, raw)
+
+    return run
+
+
+def test_fuzz_trace_loader(tmp_path):
+    run = _trace_fuzz(FUZZ)
+    run.tmp = tmp_path
+    run()
+
+
+@pytest.mark.slow
+def test_fuzz_trace_loader_10000(tmp_path):
+    run = _trace_fuzz(FUZZ_SLOW)
+    run.tmp = tmp_path
+    run()
