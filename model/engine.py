@@ -41,18 +41,72 @@ PLAIN_STOPS = ("\nQuestion:", "\n\n\n")
 # llama.cpp logs through one process-wide callback. Keep the recent error lines so a
 # failed load can say why, and print nothing: the terminal belongs to the Rich view.
 _recent_errors: collections.deque[str] = collections.deque(maxlen=8)
-_GGML_LOG_LEVEL_ERROR = 3
+_GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR (3 was WARN)
+
+
+# ctypes swallows an exception raised in a callback (a KeyboardInterrupt when Ctrl-C lands
+# while llama.cpp logs). The callback is C (kernels/tracker.c: sage_log) where the
+# tracker library is built; this Python one, the fallback, records an interrupt it
+# catches, and `_reraise_interrupt` raises it once the llama.cpp call has returned.
+_interrupted = False
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    if level == _GGML_LOG_LEVEL_ERROR and text:
-        line = text.decode("utf-8", "replace").strip()
-        if line:
-            _recent_errors.append(line)
+    global _interrupted
+    try:
+        if level == _GGML_LOG_LEVEL_ERROR and text:
+            line = text.decode("utf-8", "replace").strip()
+            if line:
+                _recent_errors.append(line)
+    except KeyboardInterrupt:
+        _interrupted = True
+
+
+def _reraise_interrupt() -> None:
+    global _interrupted
+    if _interrupted:
+        _interrupted = False
+        raise KeyboardInterrupt
+
+
+def _native_log():
+    """kernels/_tracker's C log callback installed, or None where it is not built."""
+    try:
+        from sage.kernels.tracker import native_library_path
+
+        path = native_library_path()
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))
+        lib.sage_log_callback.restype = ctypes.c_void_p
+        lib.sage_log_recent.restype = ctypes.c_int32
+        lib.sage_log_recent.argtypes = [ctypes.c_char_p, ctypes.c_int32]
+        cb = ctypes.cast(ctypes.c_void_p(lib.sage_log_callback()), llama_cpp.llama_log_callback)
+        llama_cpp.llama_log_set(cb, ctypes.c_void_p(_GGML_LOG_LEVEL_ERROR))
+        lib._sage_log_cb = cb  # keep it alive
+        return lib
+    except (OSError, AttributeError):  # an older build of the library: the Python callback
+        return None
 
 
 llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+_log_lib = _native_log()
+
+
+def _clear_log() -> None:
+    _recent_errors.clear()
+    if _log_lib is not None:
+        _log_lib.sage_log_clear()
+
+
+def _recent_log() -> list[str]:
+    if _log_lib is None:
+        return list(_recent_errors)
+    buf = ctypes.create_string_buffer(8 * 520)
+    n = _log_lib.sage_log_recent(buf, len(buf))
+    lines = buf.raw[:n].decode("utf-8", "replace").split("\n")
+    return [ln.strip() for ln in lines if ln.strip()]
 _backend_ready = False
 
 
@@ -126,9 +180,12 @@ class Engine:
         self.path = path
         self.n_threads = n_threads or default_threads()
         self.n_batch = n_batch
-        _recent_errors.clear()
+        _clear_log()
         mparams = llama_cpp.llama_model_default_params()
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), mparams)
+        if model and _interrupted:
+            llama_cpp.llama_model_free(model)
+        _reraise_interrupt()
         if not model:
             raise SageError(f"llama.cpp cannot load {path}: {self._load_reason()}")
         self.model = model
@@ -193,6 +250,12 @@ class Engine:
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if _interrupted:
+            if ctx:
+                llama_cpp.llama_free(ctx)
+            llama_cpp.llama_model_free(model)
+            self.model = None
+            _reraise_interrupt()
         if not ctx:
             llama_cpp.llama_model_free(model)
             self.model = None
@@ -246,14 +309,15 @@ class Engine:
 
     @staticmethod
     def _load_reason() -> str:
-        for line in reversed(_recent_errors):
+        recent = _recent_log()
+        for line in reversed(recent):
             if "unknown model architecture" in line:
                 arch = line.split("unknown model architecture:")[-1].strip().strip("'\"")
                 return (
                     f"unsupported architecture {arch!r} "
                     f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
                 )
-        for line in reversed(_recent_errors):
+        for line in reversed(recent):
             if "failed to load model" not in line:
                 return line
         return "the file is corrupt or incomplete"
@@ -381,6 +445,7 @@ class Engine:
                 b.logits[len(chunk) - 1] = 1
             b.n_tokens = len(chunk)
             rc = llama_cpp.llama_decode(self.ctx, b)
+            _reraise_interrupt()
             if tr is not None:
                 tr.pause()
                 if tr.error:

@@ -228,8 +228,11 @@ class ReasonRun:
         return self.trace
 
     def interrupted(self) -> Trace:
-        """Close the trace as interrupted (Ctrl-C in the generator or in its consumer)."""
-        return self._finish("interrupted")
+        """Close the trace as interrupted (Ctrl-C in the generator or in its consumer, or
+        during the analysis: the chain is kept, the analysis is not)."""
+        self._finish("interrupted")
+        self.trace.finish_reason = "interrupted"
+        return self.trace
 
     def _finish(self, reason: str) -> Trace:
         tr = self.trace

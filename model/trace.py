@@ -416,14 +416,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def save_trace(trace: Trace, home: Path) -> Path:
     """Save under `home/traces/` and as `home/last.json`; return the trace's own path."""
+    from sage.paths import write_new
+
     data = trace.to_dict()
     stamp = trace.created.replace(":", "").replace("-", "").replace("+0000", "Z")
-    path = home / "traces" / f"{stamp}.json"
-    n = 1
-    while path.exists():
-        n += 1
-        path = home / "traces" / f"{stamp}-{n}.json"
-    write_json_atomic(path, data)
+    # exclusive create: two runs with the same timestamp get two files
+    path = write_new(home / "traces", stamp, ".json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
     write_json_atomic(home / "last.json", data)
     return path
 

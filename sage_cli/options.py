@@ -35,6 +35,10 @@ def user_errors(fn: Callable) -> Callable:
 
             error(str(e))
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            # Ctrl-C (or SIGTERM, sage.cli.entry) where the command has no handler of its
+            # own: what it was writing is cleaned up by then (temp files are removed)
+            raise typer.Exit(130) from None
         except OSError as e:
             # a path the user gave that the system refuses (a name too long, no permission)
             from sage.cli.ui import error

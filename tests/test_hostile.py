@@ -653,3 +653,148 @@ def test_fuzz_trace_loader_10000(tmp_path):
     run = _trace_fuzz(FUZZ_SLOW)
     run.tmp = tmp_path
     run()
+
+
+# --- 6. Ctrl-C and SIGTERM at any moment; outputs committed together ---------------------
+
+
+def _sage_proc(tmp_path, *args):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SAGE_HOME=str(tmp_path / "home"))
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("sage")), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def _interrupt_at(tmp_path, delay: float, sig) -> tuple[int, bytes]:
+    import time
+
+    proc = _sage_proc(tmp_path, "ask", "Count from 1 to 300, one number per line.", "--max-tokens", "400")
+    time.sleep(delay)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.6])
+def test_ctrl_c_early_exits_130_without_traceback(tmp_path, delay):
+    import signal
+
+    rc, err = _interrupt_at(tmp_path, delay, signal.SIGINT)
+    # (killed by the signal itself only if it lands before Python installs its handler)
+    assert rc in (130, -signal.SIGINT), err
+    assert b"Traceback" not in err and b"Aborted" not in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.45, 0.8, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0])
+def test_ctrl_c_at_many_moments(tmp_path, delay):
+    import signal
+
+    rc, err = _interrupt_at(tmp_path, delay, signal.SIGINT)
+    assert rc in (130, -signal.SIGINT), err
+    assert b"Traceback" not in err and b"Aborted" not in err, err
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    import json
+    import signal
+
+    proc = _sage_proc(tmp_path, "ask", "Count from 1 to 300, one number per line.", "--max-tokens", "2000")
+    buf = b""
+    while buf.count(b"\n") < 8:
+        chunk = proc.stdout.read1(256)
+        if not chunk:
+            break
+        buf += chunk
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"Traceback" not in err, err
+    last = json.loads((tmp_path / "home" / "last.json").read_text())
+    assert last["finish_reason"] == "interrupted"  # the partial trace, as with Ctrl-C
+
+
+def test_llama_log_is_kept_by_a_c_callback(tmp_path):
+    # llama.cpp logs through sage_log (C): Ctrl-C cannot land in it; its lines still give
+    # a failed load its reason
+    import sage.engine as engine_mod
+
+    assert engine_mod._log_lib is not None
+    f = _tiny_model(tmp_path / "tiny.gguf")
+    data = f.read_bytes().replace(b"llama", b"zzzzz")  # an architecture llama.cpp does not know
+    f.write_bytes(data)
+    with pytest.raises(SageError, match="unsupported architecture 'zzzzz'"):
+        engine_mod.Engine(f, n_ctx=64)
+
+
+def test_interrupt_swallowed_by_the_python_log_callback_is_raised(monkeypatch):
+    # the fallback where the C library is not built: the Python callback records it
+    import sage.engine as engine_mod
+
+    class Raising:
+        def append(self, line):
+            raise KeyboardInterrupt  # as if Ctrl-C landed while llama.cpp logged
+
+        def clear(self):
+            pass
+
+    monkeypatch.setattr(engine_mod, "_recent_errors", Raising())
+    engine_mod._log_callback(engine_mod._GGML_LOG_LEVEL_ERROR, b"a line", None)  # through ctypes
+    with pytest.raises(KeyboardInterrupt):
+        engine_mod._reraise_interrupt()
+    assert engine_mod._interrupted is False
+
+
+def test_interrupt_during_analysis_is_marked(engine):
+    from sage.reason import ReasonRun
+
+    run = ReasonRun(engine, "What is 2 + 3?", max_tokens=4)
+    for _ in run:
+        pass
+    assert run.trace.finish_reason == "length"
+    assert run.interrupted().finish_reason == "interrupted"
+
+
+def test_exports_are_all_written_or_none(tmp_path):
+    from typer.testing import CliRunner
+
+    from sage.cli.main import app
+    from sage.trace import save_trace
+    from test_explain import make_trace
+
+    saved = save_trace(make_trace(), tmp_path)
+    ok = tmp_path / "ok.svg"
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    r = CliRunner().invoke(app, ["explain", str(saved), "--svg", str(ok), "--html", str(blocked / "x.html")])
+    assert r.exit_code == 2
+    assert not ok.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ok.svg")]
+
+
+def test_two_saves_with_the_same_timestamp_keep_both(tmp_path):
+    import threading
+
+    from sage.trace import load_trace, save_trace
+    from test_explain import make_trace
+
+    traces = [make_trace(problem=f"problem {i}") for i in range(8)]
+    barrier = threading.Barrier(len(traces))
+    paths = []
+
+    def save(t):
+        barrier.wait()
+        paths.append(save_trace(t, tmp_path))
+
+    threads = [threading.Thread(target=save, args=(t,)) for t in traces]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(set(paths)) == 8
+    assert sorted(load_trace(p).problem for p in paths) == sorted(t.problem for t in traces)
+    assert not [p for p in (tmp_path / "traces").iterdir() if p.name.startswith(".")]
