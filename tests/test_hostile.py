@@ -798,3 +798,54 @@ def test_two_saves_with_the_same_timestamp_keep_both(tmp_path):
     assert len(set(paths)) == 8
     assert sorted(load_trace(p).problem for p in paths) == sorted(t.problem for t in traces)
     assert not [p for p in (tmp_path / "traces").iterdir() if p.name.startswith(".")]
+
+
+# --- 7. a hub model while offline: sage's one line, at once -------------------------------
+
+
+def test_hub_model_offline_by_env_is_one_quick_line(monkeypatch):
+    import time
+
+    from typer.testing import CliRunner
+
+    import huggingface_hub
+    from sage.cli.main import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("went to the hub"))
+    t = time.perf_counter()
+    r = CliRunner().invoke(app, ["ask", "hi", "--model", "hf:ORG/REPO/FILE.gguf"])
+    one_line_error(r, "not in the local Hugging Face cache", "hf download ORG/REPO FILE.gguf")
+    assert time.perf_counter() - t < 1.0
+
+
+def test_hub_model_without_network_is_one_quick_line(monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub
+    from sage.presets import resolve_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(*a, **k):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("went to the hub"))
+    t = time.perf_counter()
+    with pytest.raises(SageError, match="cannot be reached"):
+        resolve_model("hf:ORG/REPO/FILE.gguf")
+    assert time.perf_counter() - t < 1.0
+
+
+def test_hub_probe_gives_up_on_a_hanging_lookup(monkeypatch):
+    import socket
+    import time
+
+    from sage.presets import hub_reachable
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(5))
+    t = time.perf_counter()
+    assert hub_reachable(timeout=0.3) is False
+    assert time.perf_counter() - t < 1.0
