@@ -340,6 +340,10 @@ def check_model(path: str | Path, label: str | None = None) -> GGUFFile:
             raise bad("tokenizer.ggml.tokens is not an array of strings")
         vocab = tokens[1][2]
         n = len(vocab)
+        # llama.cpp reads each token as a C string: a NUL byte ends it there, and what is
+        # left may repeat another token
+        if b"\0" in b"".join(vocab):
+            vocab = [s.split(b"\0", 1)[0] for s in vocab]
         if len(set(vocab)) != n:
             seen: dict[bytes, int] = {}
             for i, s in enumerate(vocab):

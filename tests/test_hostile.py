@@ -849,3 +849,13 @@ def test_hub_probe_gives_up_on_a_hanging_lookup(monkeypatch):
     t = time.perf_counter()
     assert hub_reachable(timeout=0.3) is False
     assert time.perf_counter() - t < 1.0
+
+
+def test_nul_in_a_vocabulary_string_is_refused(tmp_path, smollm2_path):
+    # found by scripts/fuzz_gguf.py: llama.cpp reads tokens as C strings, so "ab\0c" is "ab",
+    # which repeats another token: the same abort as a duplicate
+    from sage.gguf_check import GGUFError, check_model
+
+    bad = _flip(smollm2_path, tmp_path / "nul.gguf", 151114, 0)
+    with pytest.raises(GGUFError, match="repeats token"):
+        check_model(bad)
