@@ -845,7 +845,14 @@ def test_hub_probe_gives_up_on_a_hanging_lookup(monkeypatch):
 
     from sage.presets import hub_reachable
 
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(5))
+    class Hanging:
+        def __init__(self, *a, **k):
+            time.sleep(5)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", Hanging)
     t = time.perf_counter()
     assert hub_reachable(timeout=0.3) is False
     assert time.perf_counter() - t < 1.0
