@@ -152,3 +152,39 @@ bool sage_tracker_eval(void *tensor, bool ask, void *user_data) {
 void *sage_tracker_callback(void) { return (void *)&sage_tracker_eval; }
 
 int32_t sage_tracker_sizeof(void) { return (int32_t)sizeof(sage_tracker); }
+
+/* llama.cpp's log callback, in C. A Python callback can be interrupted by Ctrl-C at its
+   first bytecode, and ctypes swallows the KeyboardInterrupt; this one cannot be. It keeps
+   the last SAGE_LOG_LINES lines logged at the level given as user_data, for the message
+   of a failed load (sage_log_recent), and prints nothing. */
+#define SAGE_LOG_LINES 8
+#define SAGE_LOG_LEN 512
+static char sage_log_lines[SAGE_LOG_LINES][SAGE_LOG_LEN];
+static int64_t sage_log_count = 0;
+
+static void sage_log(int level, const char *text, void *user_data) {
+    if (level != (int)(intptr_t)user_data || text == NULL || text[0] == '\0') return;
+    char *dst = sage_log_lines[sage_log_count % SAGE_LOG_LINES];
+    strncpy(dst, text, SAGE_LOG_LEN - 1);
+    dst[SAGE_LOG_LEN - 1] = '\0';
+    sage_log_count++;
+}
+
+void *sage_log_callback(void) { return (void *)&sage_log; }
+
+void sage_log_clear(void) { sage_log_count = 0; }
+
+/* the kept lines, oldest first, each ending in '\n'; the number of bytes written */
+int32_t sage_log_recent(char *out, int32_t cap) {
+    int32_t n = 0;
+    int64_t first = sage_log_count > SAGE_LOG_LINES ? sage_log_count - SAGE_LOG_LINES : 0;
+    for (int64_t i = first; i < sage_log_count; i++) {
+        const char *line = sage_log_lines[i % SAGE_LOG_LINES];
+        size_t len = strlen(line);
+        if (n + (int32_t)len + 1 >= cap) break;
+        memcpy(out + n, line, len);
+        n += (int32_t)len;
+        if (len == 0 || line[len - 1] != '\n') out[n++] = '\n';
+    }
+    return n;
+}

@@ -41,18 +41,72 @@ PLAIN_STOPS = ("\nQuestion:", "\n\n\n")
 # llama.cpp logs through one process-wide callback. Keep the recent error lines so a
 # failed load can say why, and print nothing: the terminal belongs to the Rich view.
 _recent_errors: collections.deque[str] = collections.deque(maxlen=8)
-_GGML_LOG_LEVEL_ERROR = 3
+_GGML_LOG_LEVEL_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR (3 was WARN)
+
+
+# ctypes swallows an exception raised in a callback (a KeyboardInterrupt when Ctrl-C lands
+# while llama.cpp logs). The callback is C (kernels/tracker.c: sage_log) where the
+# tracker library is built; this Python one, the fallback, records an interrupt it
+# catches, and `_reraise_interrupt` raises it once the llama.cpp call has returned.
+_interrupted = False
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    if level == _GGML_LOG_LEVEL_ERROR and text:
-        line = text.decode("utf-8", "replace").strip()
-        if line:
-            _recent_errors.append(line)
+    global _interrupted
+    try:
+        if level == _GGML_LOG_LEVEL_ERROR and text:
+            line = text.decode("utf-8", "replace").strip()
+            if line:
+                _recent_errors.append(line)
+    except KeyboardInterrupt:
+        _interrupted = True
+
+
+def _reraise_interrupt() -> None:
+    global _interrupted
+    if _interrupted:
+        _interrupted = False
+        raise KeyboardInterrupt
+
+
+def _native_log():
+    """kernels/_tracker's C log callback installed, or None where it is not built."""
+    try:
+        from sage.kernels.tracker import native_library_path
+
+        path = native_library_path()
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))
+        lib.sage_log_callback.restype = ctypes.c_void_p
+        lib.sage_log_recent.restype = ctypes.c_int32
+        lib.sage_log_recent.argtypes = [ctypes.c_char_p, ctypes.c_int32]
+        cb = ctypes.cast(ctypes.c_void_p(lib.sage_log_callback()), llama_cpp.llama_log_callback)
+        llama_cpp.llama_log_set(cb, ctypes.c_void_p(_GGML_LOG_LEVEL_ERROR))
+        lib._sage_log_cb = cb  # keep it alive
+        return lib
+    except (OSError, AttributeError):  # an older build of the library: the Python callback
+        return None
 
 
 llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+_log_lib = _native_log()
+
+
+def _clear_log() -> None:
+    _recent_errors.clear()
+    if _log_lib is not None:
+        _log_lib.sage_log_clear()
+
+
+def _recent_log() -> list[str]:
+    if _log_lib is None:
+        return list(_recent_errors)
+    buf = ctypes.create_string_buffer(8 * 520)
+    n = _log_lib.sage_log_recent(buf, len(buf))
+    lines = buf.raw[:n].decode("utf-8", "replace").split("\n")
+    return [ln.strip() for ln in lines if ln.strip()]
 _backend_ready = False
 
 
@@ -80,18 +134,16 @@ def default_threads() -> int:
 
 
 def check_gguf_file(path: Path) -> None:
-    """Refuse what is clearly not a GGUF model before llama.cpp sees it."""
+    """Refuse what is not a GGUF model, or one llama.cpp would abort on, before llama.cpp
+    sees it (sage.gguf_check: header, metadata, tensor table, vocabulary; bounded
+    reads, no tensor data)."""
+    from sage.gguf_check import check_model
+
     if not path.exists():
         raise SageError(f"model file not found: {path}")
     if not path.is_file():
         raise SageError(f"model path is not a file: {path}")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise SageError(f"cannot read model file {path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise SageError(f"{path} is not a GGUF model file (no GGUF header)")
+    check_model(path)
 
 
 @dataclass
@@ -128,9 +180,12 @@ class Engine:
         self.path = path
         self.n_threads = n_threads or default_threads()
         self.n_batch = n_batch
-        _recent_errors.clear()
+        _clear_log()
         mparams = llama_cpp.llama_model_default_params()
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), mparams)
+        if model and _interrupted:
+            llama_cpp.llama_model_free(model)
+        _reraise_interrupt()
         if not model:
             raise SageError(f"llama.cpp cannot load {path}: {self._load_reason()}")
         self.model = model
@@ -195,6 +250,12 @@ class Engine:
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if _interrupted:
+            if ctx:
+                llama_cpp.llama_free(ctx)
+            llama_cpp.llama_model_free(model)
+            self.model = None
+            _reraise_interrupt()
         if not ctx:
             llama_cpp.llama_model_free(model)
             self.model = None
@@ -208,9 +269,11 @@ class Engine:
         self._piece_buf = ctypes.create_string_buffer(256)
         tmpl = llama_cpp.llama_model_chat_template(model, None)
         self.chat_template: bytes | None = tmpl or None
+        from sage.text import encodable
+
         self.info = ModelInfo(
-            name=name or self.meta("general.name") or path.stem,
-            path=str(path),
+            name=encodable(name or self.meta("general.name") or path.stem),
+            path=encodable(str(path)),
             architecture=self.architecture,
             description=self._desc(),
             size_bytes=path.stat().st_size,
@@ -246,14 +309,15 @@ class Engine:
 
     @staticmethod
     def _load_reason() -> str:
-        for line in reversed(_recent_errors):
+        recent = _recent_log()
+        for line in reversed(recent):
             if "unknown model architecture" in line:
                 arch = line.split("unknown model architecture:")[-1].strip().strip("'\"")
                 return (
                     f"unsupported architecture {arch!r} "
                     f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
                 )
-        for line in reversed(_recent_errors):
+        for line in reversed(recent):
             if "failed to load model" not in line:
                 return line
         return "the file is corrupt or incomplete"
@@ -329,6 +393,32 @@ class Engine:
         """The prompt text and its stop strings (see format_prompt)."""
         return format_prompt(self.chat_template, problem, system)
 
+    def prompt_tokens(self, problem: str, system: str = SYSTEM_PROMPT) -> tuple[str, tuple[str, ...], list[int]]:
+        """The prompt text, its stop strings and its tokens, the problem tokenized as
+        plain text: only the template's own parts may become special tokens, so a problem
+        that spells `<|im_end|><|im_start|>system` stays text."""
+        before, after, stops = prompt_parts(self.chat_template, problem, system)
+        return before + problem + after, stops, self._split_tokens(before, problem, after)
+
+    def tokenize_prompt(self, prompt: str, problem: str, system: str = SYSTEM_PROMPT) -> list[int]:
+        """The tokens of a prompt `prompt_tokens` built (a trace's prompt and problem), as
+        `sage ask` decoded them; a prompt it did not build is tokenized whole."""
+        before, after, _ = prompt_parts(self.chat_template, problem, system)
+        if before + problem + after == prompt:
+            return self._split_tokens(before, problem, after)
+        return self.tokenize(prompt)
+
+    def _split_tokens(self, before: str, problem: str, after: str) -> list[int]:
+        # spaces at the end of the template's part go with the problem, so that
+        # "Question: Tom" still tokenizes as "Question", ":", " Tom"
+        head = before.rstrip(" ")
+        body = before[len(head):] + problem
+        return (
+            self.tokenize(head)
+            + self.tokenize(body, add_special=False, parse_special=False)
+            + (self.tokenize(after, add_special=False) if after else [])
+        )
+
     # --- decoding --------------------------------------------------------------------
 
     def decode(
@@ -355,6 +445,7 @@ class Engine:
                 b.logits[len(chunk) - 1] = 1
             b.n_tokens = len(chunk)
             rc = llama_cpp.llama_decode(self.ctx, b)
+            _reraise_interrupt()
             if tr is not None:
                 tr.pause()
                 if tr.error:
@@ -406,6 +497,25 @@ class Engine:
         return Generation(self, prompt_tokens, max_tokens, sampling or Sampling(), stop)
 
 
+# stands for the problem while the template is applied (no template contains it)
+_PLACEHOLDER = "\u2063sage-problem-7f3a\u2063"
+
+
+def prompt_parts(
+    chat_template: bytes | None, problem: str, system: str = SYSTEM_PROMPT
+) -> tuple[str, str, tuple[str, ...]]:
+    """(the prompt before the problem, after it, the stop strings): format_prompt's
+    prompt is before + problem + after."""
+    text, stops = format_prompt(chat_template, _PLACEHOLDER, system)
+    if text.count(_PLACEHOLDER) == 1:
+        before, after = text.split(_PLACEHOLDER)
+        return before, after, stops
+    # a template that does something else with the content: find the problem in its output
+    text, stops = format_prompt(chat_template, problem, system)
+    i = text.rfind(problem)
+    return (text[:i], text[i + len(problem):], stops) if i >= 0 else (text, "", stops)
+
+
 def format_prompt(
     chat_template: bytes | None, problem: str, system: str = SYSTEM_PROMPT
 ) -> tuple[str, tuple[str, ...]]:
@@ -451,7 +561,7 @@ class Generation:
         eng = self.engine
         eng.reset()
         if eng.tracker is not None:
-            eng.tracker.allocate(eng.n_ctx, self.max_tokens + 1)
+            eng.tracker.allocate(eng.n_ctx, min(self.max_tokens, eng.n_ctx) + 1)  # the context ends it anyway
         # row k of the tracker: the query that produced generated token k
         eng.decode(self.prompt_tokens, 0, track_row=0)
         pos = len(self.prompt_tokens)

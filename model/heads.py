@@ -197,45 +197,145 @@ class SageHeads:
 
     @staticmethod
     def load(path: Path) -> "SageHeads":
-        import gguf
+        """Read and validate a sidecar completely (every key, every tensor's type and shape,
+        finite weights); anything wrong is a SageError naming the file."""
+        from sage.gguf_check import GGUFError, parse
+
+        path = Path(path)
+        try:
+            g = parse(path, keep=_ARRAY_KEYS)
+        except GGUFError as e:
+            raise SageError(f"{path} is not a SAGE heads file ({e.reason})") from None
+        try:
+            return _from_gguf(g, path)
+        except _Bad as e:
+            raise SageError(f"{path} is not a valid SAGE heads file: {e}") from None
+
+
+_ARRAY_KEYS = frozenset({"sage.tracking.layers", "sage.inverse.features", "sage.meta.features"})
+_BLOCK = ("ln1", "wq", "wk", "wv", "wo", "ln2", "w1", "w2")
+MAX_DEPTH, MAX_WIDTH, MAX_LAYERS = 64, 4096, 4096
+
+
+class _Bad(Exception):
+    pass
+
+
+def _from_gguf(g, path: Path) -> SageHeads:
+    from sage.gguf_check import ARRAY, STRING
+
+    def get(key: str, kinds: tuple[int, ...], what: str):
+        tv = g.kv.get(key)
+        if tv is None:
+            raise _Bad(f"{key} is missing")
+        t, v = tv
+        if t not in kinds:
+            raise _Bad(f"{key} is not {what}")
+        return v
+
+    def text(raw: bytes, key: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad(f"{key} is not UTF-8") from None
+
+    def strings(key: str) -> tuple[str, ...]:
+        et, _, vals = get(key, (ARRAY,), "an array of strings")
+        if et != STRING:
+            raise _Bad(f"{key} is not an array of strings")
+        return tuple(text(x, key) for x in vals)
+
+    ints = (0, 1, 2, 3, 4, 5, 10, 11)
+    arch = g.kv.get("general.architecture")
+    arch_name = arch[1].decode("utf-8", "replace") if arch and arch[0] == STRING else None
+    if arch_name != ARCH:
+        raise SageError(f"{path} is not a SAGE heads file (general.architecture is {arch_name!r})")
+    version = get("sage.version", ints, "an integer")
+    if version != FORMAT_VERSION:
+        raise SageError(f"{path} is SAGE heads format {version}; this sage reads {FORMAT_VERSION}")
+    if strings("sage.inverse.features") != FEATURES or strings("sage.meta.features") != META_FEATURES:
+        raise SageError(f"{path} was trained on other features than this sage computes")
+    et, _, layers = get("sage.tracking.layers", (ARRAY,), "an array of layers")
+    if et not in ints:
+        raise _Bad("sage.tracking.layers is not an array of integers")
+    layers = [int(x) for x in layers]
+    if not layers or len(layers) > MAX_LAYERS or min(layers) < 0 or max(layers) >= MAX_LAYERS or len(set(layers)) != len(layers):
+        raise _Bad("sage.tracking.layers must be distinct layer indices, at least one")
+    depth = get("sage.inverse.depth", ints, "an integer")
+    if not 0 <= depth <= MAX_DEPTH:
+        raise _Bad(f"sage.inverse.depth is {depth} (0 to {MAX_DEPTH})")
+    floats = (6, 12)
+
+    def number(key: str) -> float:
+        x = float(get(key, floats, "a number"))
+        if not np.isfinite(x):
+            raise _Bad(f"{key} is not finite")
+        return x
+
+    def flag(key: str) -> bool:
+        return bool(get(key, (7,), "a bool"))
+
+    tensors = {t.name: t for t in g.tensors}
+    with open(path, "rb") as f:
+
+        def tensor(name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+            t = tensors.get(name)
+            if t is None:
+                raise _Bad(f"tensor {name} is missing")
+            np_shape = tuple(reversed(t.shape))
+            if t.type != 0 or len(np_shape) != len(shape) or any(
+                want is not None and want != got for want, got in zip(shape, np_shape)
+            ):
+                want = "x".join("?" if d is None else str(d) for d in shape)
+                raise _Bad(f"tensor {name} is {'x'.join(map(str, np_shape))} (type {t.type}), not float32 {want}")
+            f.seek(g.data_offset + t.offset)
+            raw = f.read(t.nbytes)
+            if len(raw) != t.nbytes:
+                raise _Bad(f"tensor {name} is cut short")
+            a = np.frombuffer(raw, dtype="<f4").reshape(np_shape).astype(np.float32)
+            if not np.isfinite(a).all():
+                raise _Bad(f"tensor {name} holds values that are not finite")
+            return a
+
+        hw = tensor("sage.tracking.head_weights", (len(layers), None))
+        if not 1 <= hw.shape[1] <= MAX_WIDTH:
+            raise _Bad("sage.tracking.head_weights has no heads")
+        w_in = tensor("sage.inverse.w_in", (len(FEATURES), None))
+        d = w_in.shape[1]
+        if not 1 <= d <= MAX_WIDTH:
+            raise _Bad(f"the inverse layer's width is {d}")
+        shapes = {"ln1": (d,), "wq": (d, d), "wk": (d, d), "wv": (d, d), "wo": (d, d), "ln2": (d,),
+                  "w1": (d, 4 * d), "w2": (4 * d, d)}
+        blocks = [{k: tensor(f"sage.inverse.blk.{i}.{k}", shapes[k]) for k in _BLOCK} for i in range(depth)]
+        readout = tensor("sage.inverse.readout", (d,))
+        b_in = tensor("sage.inverse.b_in", (d,)) if "sage.inverse.b_in" in tensors else None
+        meta_w = tensor("sage.meta.w", (len(META_FEATURES),))
+    info = {}
+    for k, (t, v) in g.kv.items():
+        if k.startswith("sage.info."):
+            if t != STRING:
+                raise _Bad(f"{k} is not a string")
+            info[k[len("sage.info."):]] = text(v, k)
+    if "metrics" in info:
+        import json
 
         try:
-            r = gguf.GGUFReader(str(path))
-        except (OSError, ValueError) as e:
-            raise SageError(f"{path} is not a SAGE heads file ({e})") from None
-
-        def val(key, default=None):
-            f = r.fields.get(key)
-            if f is None:
-                return default
-            return f.contents()
-
-        if val("general.architecture") != ARCH:
-            raise SageError(f"{path} is not a SAGE heads file (general.architecture is {val('general.architecture')!r})")
-        if val("sage.version") != FORMAT_VERSION:
-            raise SageError(f"{path} is SAGE heads format {val('sage.version')}; this sage reads {FORMAT_VERSION}")
-        if tuple(val("sage.inverse.features")) != FEATURES or tuple(val("sage.meta.features")) != META_FEATURES:
-            raise SageError(f"{path} was trained on other features than this sage computes")
-        t = {x.name: np.array(x.data, dtype=np.float32).reshape([int(d) for d in reversed(x.shape)]) for x in r.tensors}
-        depth = int(val("sage.inverse.depth"))
-        blocks = [
-            {k: t[f"sage.inverse.blk.{i}.{k}"] for k in ("ln1", "wq", "wk", "wv", "wo", "ln2", "w1", "w2")}
-            for i in range(depth)
-        ]
-        info = {k[len("sage.info."):]: val(k) for k in r.fields if k.startswith("sage.info.")}
-        return SageHeads(
-            fingerprint=val("sage.base.fingerprint"),
-            base_name=val("sage.base.name"),
-            tracked_layers=[int(x) for x in val("sage.tracking.layers")],
-            head_weights=t["sage.tracking.head_weights"],
-            threshold=float(val("sage.inverse.threshold")),
-            inverse=InverseLayer(t["sage.inverse.w_in"], blocks, t["sage.inverse.readout"],
-                                 float(val("sage.inverse.bias")), bool(val("sage.inverse.sigmoid")),
-                                 t.get("sage.inverse.b_in")),
-            meta=MetaHead(t["sage.meta.w"], float(val("sage.meta.bias"))),
-            trained=bool(val("sage.trained")),
-            info=info,
-        )
+            ok = isinstance(json.loads(info["metrics"]), dict)
+        except (ValueError, RecursionError):
+            ok = False
+        if not ok:
+            raise _Bad("sage.info.metrics is not a JSON object")
+    return SageHeads(
+        fingerprint=text(get("sage.base.fingerprint", (STRING,), "a string"), "sage.base.fingerprint"),
+        base_name=text(get("sage.base.name", (STRING,), "a string"), "sage.base.name"),
+        tracked_layers=layers,
+        head_weights=hw,
+        threshold=number("sage.inverse.threshold"),
+        inverse=InverseLayer(w_in, blocks, readout, number("sage.inverse.bias"), flag("sage.inverse.sigmoid"), b_in),
+        meta=MetaHead(meta_w, number("sage.meta.bias")),
+        trained=flag("sage.trained"),
+        info=info,
+    )
 
 
 def fingerprint(engine) -> str:

@@ -12,7 +12,7 @@ import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import platformdirs
 
@@ -62,3 +62,47 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_file(path) as tmp:
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
+
+
+@contextmanager
+def atomic_files(finals: Sequence[str | Path]) -> Iterator[list[Path]]:
+    """atomic_file for several outputs of one command: all are renamed into place after
+    the block succeeds, none when it raises (every temp file is removed)."""
+    tmps = [temp_beside(Path(f)) for f in finals]
+    try:
+        yield tmps
+        for tmp, final in zip(tmps, finals):
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_new(dir: Path, stem: str, suffix: str, text: str) -> Path:
+    """Write `text` to dir/STEM.SUFFIX, or dir/STEM-2.SUFFIX, -3, ... when the name is
+    taken, and return the path: the file appears whole (a temp file, then a hard link,
+    which never replaces an existing file), and two writers at the same moment never get
+    the same name (no check-then-write)."""
+    dir.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(dir / f"{stem}{suffix}")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        for n in range(1, 1_000_000):
+            path = dir / (f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}")
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links: exclusive create instead
+                try:
+                    with open(path, "x", encoding="utf-8") as f:
+                        f.write(text)
+                    return path
+                except FileExistsError:
+                    continue
+        raise FileExistsError(f"no free name for {stem}{suffix} in {dir}")
+    finally:
+        tmp.unlink(missing_ok=True)

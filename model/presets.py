@@ -186,6 +186,38 @@ def hub_cached(repo: str, filename: str) -> Path | None:
     return Path(got) if isinstance(got, str) else None
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set (huggingface_hub's switch; read at call time)."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """A TCP connection to the hub's endpoint opens within `timeout` seconds (the name
+    lookup included: it runs in a thread that is left behind if it hangs)."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    done, ok = threading.Event(), []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=probe, daemon=True).start()
+    return done.wait(timeout) and bool(ok)
+
+
 def hub_download(repo: str, filename: str, label: str) -> Path:
     """Fetch into the Hugging Face cache (progress bar from huggingface_hub); offline and
     not cached is a SageError saying how to fetch it."""
@@ -196,10 +228,14 @@ def hub_download(repo: str, filename: str, label: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     how = f"connect to the internet and run `sage ask --model {label} ...` again, or `hf download {repo} {filename}`"
+    offline = f"{label} is not in the local Hugging Face cache and the hub cannot be reached; {how}"
+    # offline, huggingface_hub retries for half a minute with a warning per try: ask first
+    if hub_offline() or not hub_reachable():
+        raise SageError(offline)
     try:
         return Path(hf_hub_download(repo, filename))
     except LocalEntryNotFoundError:
-        raise SageError(f"{label} is not in the local Hugging Face cache and the hub cannot be reached; {how}") from None
+        raise SageError(offline) from None
     except HfHubHTTPError as e:
         raise SageError(f"cannot download {label} from the hub ({e.__class__.__name__}); {how}") from None
     except OSError as e:

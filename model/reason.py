@@ -122,7 +122,9 @@ def _cut_at_stop(tokens: list[TokenRecord], stops: tuple[str, ...]) -> list[Toke
 
 def check_problem(problem: str) -> str:
     """The problem, stripped; a SageError if there is nothing to reason about."""
-    problem = (problem or "").strip()
+    from sage.text import encodable
+
+    problem = encodable(problem or "").strip()
     if not problem:
         raise SageError('the problem is empty; give a question, e.g. sage ask "What is 17 * 3?"')
     return problem
@@ -147,12 +149,13 @@ class ReasonRun:
         problem = check_problem(problem)
         if max_tokens < 1:
             raise SageError("max_tokens must be at least 1")
-        if temperature < 0:
-            raise SageError("the temperature must be >= 0")
+        if not 0 <= temperature < math.inf:
+            raise SageError("the temperature must be a number >= 0")
+        if not 0 <= seed < 2**63:
+            raise SageError("the seed must be between 0 and 2**63 - 1")
         self.engine = engine
         self.t_start = t_start if t_start is not None else time.time()
-        prompt, self.stops = engine.build_prompt(problem)
-        self.prompt_tokens = engine.tokenize(prompt)
+        prompt, self.stops, self.prompt_tokens = engine.prompt_tokens(problem)
         self.trace = Trace(
             problem=problem,
             prompt=prompt,
@@ -227,8 +230,11 @@ class ReasonRun:
         return self.trace
 
     def interrupted(self) -> Trace:
-        """Close the trace as interrupted (Ctrl-C in the generator or in its consumer)."""
-        return self._finish("interrupted")
+        """Close the trace as interrupted (Ctrl-C in the generator or in its consumer, or
+        during the analysis: the chain is kept, the analysis is not)."""
+        self._finish("interrupted")
+        self.trace.finish_reason = "interrupted"
+        return self.trace
 
     def _finish(self, reason: str) -> Trace:
         tr = self.trace

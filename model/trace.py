@@ -258,6 +258,7 @@ class Trace:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trace":
         validate(d, TRACE_SCHEMA)
+        d = known_keys(d, TRACE_SCHEMA)  # keys a newer minor version added are ignored
         tokens = [
             TokenRecord(**{**t, "top": [Alternative(**a) for a in t["top"]]}) for t in d["tokens"]
         ]
@@ -527,30 +528,36 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def save_trace(trace: Trace, home: Path) -> Path:
     """Save under `home/traces/` and as `home/last.json`; return the trace's own path."""
+    from sage.paths import write_new
+
     data = trace.to_dict()
     stamp = trace.created.replace(":", "").replace("-", "").replace("+0000", "Z")
-    path = home / "traces" / f"{stamp}.json"
-    n = 1
-    while path.exists():
-        n += 1
-        path = home / "traces" / f"{stamp}-{n}.json"
-    write_json_atomic(path, data)
+    # exclusive create: two runs with the same timestamp get two files
+    path = write_new(home / "traces", stamp, ".json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
     write_json_atomic(home / "last.json", data)
     return path
 
 
 def load_trace(path: Path) -> Trace:
-    """Read and validate a trace file; raise TraceError with a one-line reason."""
+    """Read and validate a trace file; raise TraceError with a one-line reason (the only
+    exception it raises, whatever the file holds)."""
+    p = Path(path)
     try:
-        raw = Path(path).read_text(encoding="utf-8")
+        if p.exists() and not p.is_file():
+            raise TraceError(f"{path} is not a file")
+        if p.exists() and p.stat().st_size > MAX_TRACE_BYTES:
+            raise TraceError(f"{path} is {p.stat().st_size} bytes, too large for a trace")
+        raw = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TraceError(f"no trace at {path}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise TraceError(f"cannot read {path}: {e}") from None
+        raise TraceError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise TraceError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except (ValueError, RecursionError) as e:  # a 5000-digit integer, [[[[... nested too deep
+        raise TraceError(f"{path} is not a sage trace ({str(e).split(':')[0].split(';')[0]})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA_NAME:
         raise TraceError(f"{path} is not a sage trace")
     if data.get("version") not in READABLE_VERSIONS:
@@ -559,6 +566,44 @@ def load_trace(path: Path) -> Trace:
             f"this sage reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     try:
-        return Trace.from_dict(data)
+        trace = Trace.from_dict(data)
+        check_spans(trace)
+        return trace
     except TraceError as e:
         raise TraceError(f"{path} is not a valid sage trace: {e}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        raise TraceError(f"{path} is not a valid sage trace ({type(e).__name__})") from None
+
+
+MAX_TRACE_BYTES = 1 << 30
+
+
+def known_keys(value: Any, schema: dict[str, Any]) -> Any:
+    """`value` without the object keys `schema` does not name, at every depth (objects
+    that allow additionalProperties, like timings, are kept whole), so that the
+    dataclasses are built from the fields they have."""
+    if isinstance(value, dict):
+        for sub in schema.get("anyOf", ()):
+            if sub.get("type") == "object":
+                return known_keys(value, sub)
+        props = schema.get("properties")
+        if props is None or "additionalProperties" in schema:
+            return value
+        return {k: known_keys(v, props[k]) for k, v in value.items() if k in props}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [known_keys(v, schema["items"]) for v in value]
+    return value
+
+
+def check_spans(trace: Trace) -> None:
+    """The indices a trace holds point into it (the schema checks types, not this)."""
+    n_tok, n_text = len(trace.tokens), len(trace.text)
+    for s in trace.steps:
+        if not (0 <= s.token_start <= s.token_end <= n_tok and 0 <= s.char_start <= s.char_end <= n_text):
+            raise TraceError(f"step {s.index} spans outside the output")
+    a = trace.answer
+    if a is not None and not 0 <= a.char_start <= a.char_end <= n_text:
+        raise TraceError("the answer spans outside the output")
+    for d in trace.analysis.decisions if trace.analysis is not None else []:
+        if not 0 <= d.token_index < n_tok:
+            raise TraceError(f"decision {d.rank} points outside the output (token {d.token_index})")

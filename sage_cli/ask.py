@@ -12,6 +12,7 @@ from sage.cli.options import JsonOpt, ModelOpt, user_errors
 from sage.paths import sage_home
 
 T_IMPORT = time.time()  # fallback start time where /proc is not available
+MAX_CTX = 1 << 20  # tokens; llama.cpp would try to allocate the KV cache of whatever it is given
 
 
 @user_errors
@@ -105,12 +106,14 @@ def ask(
         raise SageError("--exact computes the significance of the inverse analysis: drop --no-track")
     if max_tokens < 1:
         raise SageError("--max-tokens must be at least 1")
-    if temperature < 0:
-        raise SageError("--temperature must be >= 0")
-    if ctx < 64:
-        raise SageError("--ctx must be at least 64 tokens")
-    if threads is not None and threads < 1:
-        raise SageError("--threads must be at least 1")
+    if not temperature >= 0 or temperature == float("inf"):  # nan and inf too
+        raise SageError("--temperature must be a number >= 0")
+    if seed < 0 or seed >= 2**63:
+        raise SageError("--seed must be between 0 and 2**63 - 1")
+    if not 64 <= ctx <= MAX_CTX:
+        raise SageError(f"--ctx must be between 64 and {MAX_CTX} tokens")
+    if threads is not None and not 1 <= threads <= 512:
+        raise SageError("--threads must be between 1 and 512")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise SageError("--threshold must be between 0 and 1")
     if max_decisions < 0:

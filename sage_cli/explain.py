@@ -12,11 +12,18 @@ from typing import Annotated, Optional
 import typer
 
 from sage.errors import SageError
-from sage.paths import write_text_atomic
+from sage.paths import atomic_files
 from sage.cli.options import user_errors
 
 
 def _check_target(path: Path, force: bool) -> None:
+    try:
+        _check_target_path(path, force)
+    except OSError as e:  # a name too long, a path through a file
+        raise SageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _check_target_path(path: Path, force: bool) -> None:
     if path.is_dir():
         raise SageError(f"{path} is a directory; give a file name")
     if path.exists() and not force:
@@ -81,9 +88,15 @@ def explain(
     show_tree(loaded)
     if report is not None:
         show_exact(report)
+    # all exports or none: each is written to a temp file beside it, renamed when all are
+    docs = [export_tree(loaded, fmt) for _, fmt in exports]
+    path = None
+    try:
+        with atomic_files([p for p, _ in exports]) as tmps:
+            for (path, _), tmp, doc in zip(exports, tmps, docs):
+                with open(tmp, "x", encoding="utf-8") as f:
+                    f.write(doc)
+    except OSError as e:
+        raise SageError(f"cannot write {path}: {e.strerror or e}") from None
     for path, fmt in exports:
-        try:
-            write_text_atomic(path, export_tree(loaded, fmt))
-        except OSError as e:
-            raise SageError(f"cannot write {path}: {e.strerror or e}") from None
         exported(fmt, path)

@@ -24,7 +24,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn SageError/TraceError into one line on stderr and exit code 2."""
+    """Turn SageError/TraceError (and an OSError from a path) into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,6 +34,17 @@ def user_errors(fn: Callable) -> Callable:
             from sage.cli.ui import error
 
             error(str(e))
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            # Ctrl-C (or SIGTERM, sage.cli.entry) where the command has no handler of its
+            # own: what it was writing is cleaned up by then (temp files are removed)
+            raise typer.Exit(130) from None
+        except OSError as e:
+            # a path the user gave that the system refuses (a name too long, no permission)
+            from sage.cli.ui import error
+
+            where = f" {e.filename}" if getattr(e, "filename", None) else ""
+            error(f"cannot use{where}: {e.strerror or e}")
             raise typer.Exit(2) from None
         except ModuleNotFoundError as e:
             if e.name != "torch":

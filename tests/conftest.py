@@ -49,3 +49,15 @@ def run_sage():
         return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+# property-based tests (hypothesis): a few hundred examples in the default run, 10 000 in
+# the slow-marked twins; no example database in the repository
+try:
+    from hypothesis import HealthCheck, settings
+
+    _fuzz = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("sage-fuzz", max_examples=300, **_fuzz)
+    settings.register_profile("sage-fuzz-slow", max_examples=10_000, **_fuzz)
+except ImportError:  # the test extra is not installed: those tests skip
+    pass

@@ -51,7 +51,7 @@ def compare_on_problem(
         trace = reason(eng, problem, max_tokens=max_tokens, analysis=AnalysisConfig(alternatives=0))
         if not trace.tokens:
             raise SageError("nothing was generated to compare")
-        obs = Observation.from_engine(eng, trace, eng.tokenize(trace.prompt))
+        obs = Observation.from_engine(eng, trace, eng.tokenize_prompt(trace.prompt, trace.problem))
         proxy, attn, vattn = obs.significance, obs.attn, obs.vattn
         exact = exact_significance(trace, model_path, grad_layer=grad_layer, engine=eng)
     finally:

@@ -257,7 +257,7 @@ def exact_significance(
     own = engine is None
     eng = Engine(path, n_ctx=256) if own else engine
     try:
-        prompt_tokens = eng.tokenize(trace.prompt)
+        prompt_tokens = eng.tokenize_prompt(trace.prompt, trace.problem)
         pm = map_prompt(eng, prompt_tokens, trace.prompt, trace.problem)
     finally:
         if own:
@@ -333,4 +333,4 @@ def tracker_proxy(engine: Engine, trace: Trace) -> np.ndarray:
     Valid until the engine generates again."""
     if engine.tracker is None:
         raise ValueError("the proxy needs the engine that generated the trace, with track=True")
-    return Observation.from_engine(engine, trace, engine.tokenize(trace.prompt)).significance
+    return Observation.from_engine(engine, trace, engine.tokenize_prompt(trace.prompt, trace.problem)).significance

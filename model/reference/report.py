@@ -77,7 +77,7 @@ def exact_report(trace: Trace, top: int = EXACT_TOP) -> ExactReport:
     eng = Engine(path, n_ctx=256, heads=heads, track=heads is not None)
     try:
         res = exact_significance(trace, engine=eng)
-        prompt_tokens = eng.tokenize(trace.prompt)
+        prompt_tokens = eng.tokenize_prompt(trace.prompt, trace.problem)
         texts = map_prompt(eng, prompt_tokens, trace.prompt, trace.problem).texts + [t.text for t in trace.tokens]
     finally:
         eng.close()

@@ -16,6 +16,7 @@ from rich.text import Text
 from rich.theme import Theme
 
 from sage.cli.ui.outcome import answer_value, confidence_words, dist_text, scale_line, trust
+from sage.cli.ui.safe import text as safe_text, untrusted  # the rule for untrusted text
 
 THEME = Theme(
     {
@@ -55,13 +56,14 @@ def confidence_style(c: float) -> str:
 
 
 def bar(value: float, width: int = 10) -> Text:
-    filled = max(0, min(width, round(value * width)))
+    # a trace file may hold NaN or 1e308: clamp before rounding
+    filled = round(min(max(value, 0.0), 1.0) * width) if value == value else 0
     return Text("█" * filled + "░" * (width - filled), style=confidence_style(value))
 
 
 def error(message: str) -> None:
     """One line on stderr, no markup interpretation of the message."""
-    err_console.print(Text("error: ", style="error") + Text(message), soft_wrap=True)
+    err_console.print(Text("error: ", style="error") + safe_text(message, multiline=False), soft_wrap=True)
 
 
 def legend() -> Text:
@@ -89,8 +91,8 @@ class AskView:
         self.out = out
 
     def header(self, problem: str, model_name: str, description: str, prompt_tokens: int) -> None:
-        self.out.print(Text.assemble(("Problem ", "title"), problem))
-        self.out.print(Text(f"model {model_name} · {description} · prompt {prompt_tokens} tokens", style="dim"))
+        self.out.print(Text.assemble(("Problem ", "title"), untrusted(problem)))
+        self.out.print(Text(untrusted(f"model {model_name} · {description} · prompt {prompt_tokens} tokens"), style="dim"))
         self.out.print(legend())
         self.out.rule(style="dim")
 
@@ -99,7 +101,7 @@ class AskView:
         fork (live_proposal), which the analysis afterwards confirms or clears."""
         # soft_wrap: the terminal wraps; Rich does not know the column mid-line
         style = tint(prob) + (" underline" if possible_fork and text.strip() else "")
-        self.out.print(Text(text, style=style), end="", soft_wrap=True)
+        self.out.print(safe_text(text, style=style), end="", soft_wrap=True)
         self.out.file.flush()
 
     def analyzing(self, budget: int, exact: bool = False):
@@ -145,7 +147,7 @@ class AskView:
                 if step.token_start <= d.token_index < step.token_end and (d.confirmed or a.outcomes is None):
                     marks[d.token_index] = d
         if not marks:
-            return Text(step.text)
+            return safe_text(step.text)
         out = Text()
         pos = step.char_start
         offs = 0
@@ -159,12 +161,12 @@ class AskView:
             a0, a1 = max(a0, step.char_start), min(a1, step.char_end)
             if a0 < pos or a1 <= a0:
                 continue
-            out.append(trace.text[pos:a0])
-            out.append(trace.text[a0:a1], style="decision")
+            out.append(untrusted(trace.text[pos:a0]))
+            out.append(untrusted(trace.text[a0:a1]), style="decision")
             score = d.fork if d.fork is not None else d.significance
             out.append(f"[{d.rank}: {score:.2f}]", style="sig")
             pos = a1
-        out.append(trace.text[pos : step.char_end])
+        out.append(untrusted(trace.text[pos : step.char_end]))
         return out
 
     def summary(self, trace, saved: Path | None, vote: bool = False) -> None:
@@ -206,7 +208,7 @@ class AskView:
             cleared = [d for d in an.decisions if not d.confirmed and an.outcomes is not None]
             if cleared:
                 self.out.print(Text(
-                    "checked, not forks: " + ", ".join(f"{d.text.strip() or repr(d.text)!r} (step {d.step + 1}, "
+                    "checked, not forks: " + ", ".join(f"{untrusted(repr(d.text.strip() or d.text), False)} (step {d.step + 1}, "
                                                        f"fork {d.fork:.2f})" for d in cleared if d.fork is not None),
                     style="dim"))
             self.out.print(self.explanation_panel(an))
@@ -239,11 +241,11 @@ class AskView:
             elif b.outcome is not None:
                 lead = dist_text(b.outcome)
             elif b.changed:
-                lead = Text.assemble((f"different answer: {b.answer}", "changed"), (f"  ({b.n_tokens} tokens)", "dim"))
+                lead = Text.assemble((f"different answer: {untrusted(b.answer)}", "changed"), (f"  ({b.n_tokens} tokens)", "dim"))
             else:
-                lead = Text.assemble((f"same answer: {b.answer}", "same"), (f"  ({b.n_tokens} tokens)", "dim"))
-            table.add_row(repr(alt.text), f"{alt.prob:.2f}", lead)
-        deps = ", ".join(f"{x.text.strip() or repr(x.text)} ({x.weight:.2f})" for x in d.dependencies[:3])
+                lead = Text.assemble((f"same answer: {untrusted(b.answer)}", "same"), (f"  ({b.n_tokens} tokens)", "dim"))
+            table.add_row(Text(repr(alt.text)), f"{alt.prob:.2f}", lead)  # repr: control characters escaped
+        deps = untrusted(", ".join(f"{x.text.strip() or repr(x.text)} ({x.weight:.2f})" for x in d.dependencies[:3]), False)
         if d.fork is not None:
             title = f"decision {d.rank} · step {d.step + 1} · fork score {d.fork:.2f}"
             if d.fork_p is not None:
@@ -263,7 +265,7 @@ class AskView:
     def curve_line(oc, value) -> Text:
         """The answer distribution along the chain, as the share of the chain's answer."""
         t = Text("answer along the chain (share of samples reaching ", style="dim")
-        t.append(answer_value(value), style="bold")
+        t.append(untrusted(answer_value(value), False), style="bold")
         t.append("): start ", style="dim")
 
         def share(o):
@@ -295,9 +297,9 @@ class AskView:
             ("Critical dependencies", e.dependencies),
         ):
             if lines:
-                parts += [Text(title, style="section"), rows((" •", Text(line)) for line in lines)]
+                parts += [Text(title, style="section"), rows((" •", safe_text(line)) for line in lines)]
         if analysis.notes:
-            parts.append(rows((Text("refined", style="warn"), Text(n, style="warn")) for n in analysis.notes))
+            parts.append(rows((Text("refined", style="warn"), safe_text(n, style="warn")) for n in analysis.notes))
         grid = Group(*parts)
         return Panel(grid, title="Explanation", title_align="left", border_style="cyan")
 
@@ -310,7 +312,7 @@ class AskView:
         if a is None or a.value is None:
             body = Text("no final answer found in the output", style="warn")
         else:
-            body = Text.assemble(("Answer ", "bold"), (a.value, "answer"))
+            body = Text.assemble(("Answer ", "bold"), (untrusted(a.value, False), "answer"))
             if oc is not None and oc.start is not None:
                 from sage.inverse.outcomes import wilson
 
@@ -337,7 +339,7 @@ class AskView:
             if vote:
                 body.append("\n")
                 body.append("vote (most frequent answer): ", style="bold")
-                body.append(answer_value(oc.vote) if oc.vote is not None else "none (no answer leads)")
+                body.append(untrusted(oc.vote, False) if oc.vote is not None else "none (no answer leads)")
         return Panel(body, expand=False, border_style=border)
 
     def interrupted(self, saved: Path) -> None:
@@ -405,7 +407,7 @@ class BenchView:
     def results(self, r: dict, saved: Path | None) -> None:
         mem = r["mem"]
         table = Table(
-            title=f"sage bench · {r['model']} · {r['problems']} · {r['reps']} reps · ≤{r['max_tokens']} tokens",
+            title=Text(untrusted(f"sage bench · {r['model']} · {r['problems']} · {r['reps']} reps · ≤{r['max_tokens']} tokens")),
             title_style="title", show_edge=False,
         )
         for col, j in (("configuration", "left"), ("tok/s (min–max)", "right"), ("s / problem", "right"),

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sage.cli.ui import console
+from sage.cli.ui.safe import text as safe_text, untrusted
 
 STAGES = {
     "download": "downloading from the hub",
@@ -29,7 +30,7 @@ class ConvertView:
         self.out = out
 
     def header(self, src: str, qtype: str) -> None:
-        self.out.print(Text.assemble(("Convert ", "title"), src, (f" → {qtype} GGUF + SAGE heads", "dim")))
+        self.out.print(Text.assemble(("Convert ", "title"), untrusted(src), (f" → {qtype} GGUF + SAGE heads", "dim")))
 
     @contextmanager
     def progress(self):
@@ -38,7 +39,7 @@ class ConvertView:
 
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("[dim]{task.fields[tensor]}"),
+            TextColumn("{task.fields[tensor]}", style="dim", markup=False),
             console=self.out, transient=True, disable=not self.out.is_terminal,
         ) as prog:
             tasks: dict[str, int] = {}
@@ -51,7 +52,7 @@ class ConvertView:
             def on_tensor(stage: str, done: int, total: int, name: str) -> None:
                 if stage not in tasks:
                     on_stage(stage)
-                prog.update(tasks[stage], completed=done, total=total, tensor=name)
+                prog.update(tasks[stage], completed=done, total=total, tensor=untrusted(name, False))
 
             yield on_tensor, on_stage
 
@@ -60,10 +61,10 @@ class ConvertView:
         table = Table(show_header=False, show_edge=False, box=None, padding=(0, 2))
         table.add_column(style="dim", no_wrap=True)
         table.add_column()
-        table.add_row("model", f"{r.model_path}  ({_mib(r.model_bytes)}, {r.qtype})")
-        table.add_row("heads", f"{r.heads_path}  ({_mib(r.heads_bytes)}, {r.heads})")
-        table.add_row("architecture", f"{r.architecture} → {r.gguf_architecture}, {r.n_params / 1e6:,.1f} M parameters, "
-                                      f"{r.n_tensors} tensors")
+        table.add_row("model", safe_text(f"{r.model_path}  ({_mib(r.model_bytes)}, {r.qtype})"))
+        table.add_row("heads", safe_text(f"{r.heads_path}  ({_mib(r.heads_bytes)}, {r.heads})"))
+        table.add_row("architecture", safe_text(f"{r.architecture} → {r.gguf_architecture}, "
+                                                f"{r.n_params / 1e6:,.1f} M parameters, {r.n_tensors} tensors"))
         table.add_row("size", f"{_mib(r.source_bytes)} safetensors → {_mib(r.model_bytes)}, "
                               f"{r.bits_per_weight:.2f} bits per weight")
         times = f"{r.seconds:.1f} s in all; read + write {r.seconds_write:.1f} s ({r.write_mb_per_s:,.0f} MB/s)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from contextlib import contextmanager
@@ -9,8 +10,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from sage.cli.ui import console
+from sage.cli.ui.safe import text as safe_text, untrusted
 
 STAGES = {
     "collect": "collecting labels",
@@ -21,7 +24,10 @@ STAGES = {
 
 
 def _f(x, fmt: str = "{:.3f}") -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+    # metrics come from the sidecar's JSON: anything but a finite number is shown as —
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return "—"
+    return fmt.format(x)
 
 
 class HeadsView:
@@ -45,7 +51,7 @@ class HeadsView:
                     prog.update(task, advance=1, description=f"{STAGES['collect']} · {seen['labels']} labels · "
                                 f"{seen['right']} right")
                 elif kind == "collect":
-                    self.out.print(f"[dim]labels: {info['path']}[/dim]")
+                    self.out.print(Text(f"labels: {untrusted(info['path'])}", style="dim"))
                 elif kind in STAGES:
                     prog.update(task, description=STAGES[kind])
                     if kind != "collect":
@@ -54,7 +60,7 @@ class HeadsView:
             yield on_event
 
     def results(self, heads, m: dict, out: Path, labels: Path) -> None:
-        t = Table(title=f"SAGE heads · {heads.base_name} · held-out {m['test_problems']} problems",
+        t = Table(title=safe_text(f"SAGE heads · {heads.base_name} · held-out {m['test_problems']} problems", multiline=False),
                   title_style="title", show_edge=False)
         t.add_column("measure")
         t.add_column("analytic", justify="right")
@@ -76,7 +82,7 @@ class HeadsView:
             f"(best single head AUROC {m['best_head_auroc']:.3f}); threshold {m['threshold']:.2f}; "
             f"epoch {m['epoch']}; collecting {m['collect_s']:.0f} s, training + evaluation {m['train_s']:.0f} s"
         )
-        self.out.print(f"[answer]wrote {out}[/answer]  [dim](labels kept in {labels})[/dim]")
+        self.out.print(Text.assemble((f"wrote {untrusted(out)}", "answer"), (f"  (labels kept in {untrusted(labels)})", "dim")))
 
     @staticmethod
     def summary(heads, path: Path) -> dict:
@@ -98,17 +104,20 @@ class HeadsView:
 
     def show(self, heads, path: Path) -> None:
         s = self.summary(heads, path)
-        t = Table(title=f"{path.name} · {heads.describe()}", title_style="title", show_header=False, show_edge=False)
+        # everything from the file is untrusted: Text, never markup
+        t = Table(title=safe_text(f"{path.name} · {heads.describe()}", multiline=False), title_style="title",
+                  show_header=False, show_edge=False)
         t.add_column(style="dim")
         t.add_column()
-        t.add_row("base model", f"{s['base']} (fingerprint {s['fingerprint'][:12]}…)")
+        t.add_row("base model", safe_text(f"{s['base']} (fingerprint {s['fingerprint'][:12]}…)"))
         heads_txt = ", ".join(f"L{l}.h{h}" for l, h in s["tracked_heads"])
         t.add_row("tracking heads", f"{len(s['tracked_heads'])}: {heads_txt}")
         t.add_row("inverse layer", f"depth {s['inverse_depth']}, width {s['inverse_width']}, threshold {s['threshold']:.2f}")
         for k, v in sorted(s["info"].items()):
-            t.add_row(k, str(v))
+            t.add_row(safe_text(k, multiline=False), safe_text(v))
         m = s["metrics"]
         if m:
+            m = collections.defaultdict(lambda: None, m)
             t.add_row("decision AUROC", f"analytic {_f(m['auroc_analytic'])}, trained {_f(m['auroc_trained'])} "
                       f"(held-out, {m['test_labels']} labels); on the random-sample tokens alone analytic "
                       f"{_f(m['auroc_analytic_sampled'])}, trained {_f(m['auroc_trained_sampled'])} "

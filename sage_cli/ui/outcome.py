@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from rich.text import Text
 
+from sage.cli.ui.safe import untrusted
+
 # (least share, word, what it means, style), most trusted first
 TRUST = (
     (0.8, "high", "the model reaches this answer nearly every time", "green"),
@@ -36,7 +38,7 @@ def scale_line() -> Text:
 
 
 def answer_value(value: str | None) -> str:
-    return "no answer" if value is None else value
+    return "no answer" if value is None else untrusted(value, False)
 
 
 def dist_text(o, mark: str | None = None, most: int = 4) -> Text:

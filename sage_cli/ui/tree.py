@@ -18,6 +18,7 @@ from rich.tree import Tree
 
 from sage.cli.ui import THEME, bar, console, tint
 from sage.cli.ui.outcome import confidence_words, dist_text
+from sage.cli.ui.safe import text as safe_text, untrusted
 
 # styles this view needs beyond ui.THEME; pushed on top of it while printing
 TREE_THEME = Theme(
@@ -48,7 +49,7 @@ def shorten(text: str, limit: int) -> str:
 
 def token_label(text: str) -> str:
     """A token as the user can see it: quoted, leading spaces and newlines kept visible."""
-    return "'" + text.replace("\n", "\\n").replace("\t", "\\t") + "'"
+    return "'" + untrusted(text.replace("\n", "\\n").replace("\t", "\\t"), multiline=False) + "'"
 
 
 # Labels start from an unstyled Text and append styled parts: a style given to the first
@@ -78,7 +79,7 @@ def _step_node(step, number_width: int) -> Table:
     grid.add_column(no_wrap=True)
     grid.add_column(ratio=1)
     head = Text.assemble((f"{step.index + 1:>{number_width}} ", "dim"), _meter(step.confidence))
-    grid.add_row(head, Text(_step_text(step)))
+    grid.add_row(head, safe_text(_step_text(step)))
     return grid
 
 
@@ -114,10 +115,10 @@ def _branch_label(b) -> Text:
         t.append_text(dist_text(b.outcome))
         t.append("\ne.g. ", style="dim")
         lead = "…" + (" " if b.text[:1].isspace() else "")
-        t.append(lead + shorten(b.text, BRANCH_CHARS), style="dim italic")
+        t.append(lead + untrusted(shorten(b.text, BRANCH_CHARS)), style="dim italic")
         return t
     if b.changed:
-        t.append(f"different answer: {b.answer if b.answer is not None else 'none found'}", style="tree.changed")
+        t.append(f"different answer: {untrusted(b.answer) if b.answer is not None else 'none found'}", style="tree.changed")
     else:
         t.append("same answer", style="tree.same")
     if b.finish_reason != "stop":
@@ -125,7 +126,7 @@ def _branch_label(b) -> Text:
     t.append("\n")
     # the rollout continues the step mid-sentence, from the forced token on
     lead = "…" + (" " if b.text[:1].isspace() else "")
-    t.append(lead + shorten(b.text, BRANCH_CHARS), style="dim italic")
+    t.append(lead + untrusted(shorten(b.text, BRANCH_CHARS)), style="dim italic")
     return t
 
 
@@ -153,7 +154,7 @@ def _answer_label(trace) -> Text:
     a = trace.answer
     if a is None or a.value is None:
         return Text("no final answer found in the output", style="warn")
-    t = Text.assemble(("Answer ", "bold"), (a.value, "answer"))
+    t = Text.assemble(("Answer ", "bold"), (untrusted(a.value, False), "answer"))
     an = trace.analysis
     oc = an.outcomes if an is not None else None
     if oc is not None and oc.start is not None:
@@ -182,11 +183,11 @@ def _answer_label(trace) -> Text:
 
 def trace_tree(trace) -> Tree:
     """The whole trace as a `rich.tree.Tree` (styles: ui.THEME + TREE_THEME)."""
-    head = Text.assemble(("Problem ", "title"), " ".join(trace.problem.split()))
+    head = Text.assemble(("Problem ", "title"), untrusted(" ".join(trace.problem.split())))
     facts = [f"model {trace.model.name}", f"{len(trace.tokens)} tokens", f"finish: {trace.finish_reason}"]
     if trace.created:  # "2025-05-04T10:11:12+0000" -> "2025-05-04 10:11"
         facts.append(trace.created[:16].replace("T", " "))
-    head.append("\n" + " · ".join(facts), style="dim")
+    head.append("\n" + untrusted(" · ".join(facts), multiline=False), style="dim")
     root = Tree(head, guide_style="tree.guide")
 
     an = trace.analysis
@@ -223,7 +224,7 @@ def trace_tree(trace) -> Tree:
         for note in an.notes:
             answer.add(Text(note, style="dim"))
         if oc is not None:
-            answer.add(Text(f"{oc.spent} of {oc.budget} tokens sampled; sampling {oc.sampling}; {oc.rule}",
+            answer.add(Text(untrusted(f"{oc.spent} of {oc.budget} tokens sampled; sampling {oc.sampling}; {oc.rule}"),
                             style="dim"))
     return root
 
@@ -281,7 +282,7 @@ def exact_view(report) -> Group:
                        ("exact", "left"), ("proxy", "left")):
             dec.add_column(col, justify=j, no_wrap=True)
         for c in report.decisions:
-            dec.add_row(str(c.rank), str(c.step + 1), token_label(c.text), f"{c.recorded:.2f}",
+            dec.add_row(str(c.rank), str(c.step + 1), Text(token_label(c.text)), f"{c.recorded:.2f}",
                         _sig_rank(c.exact, c.exact_rank, report.n_ranked),
                         _sig_rank(c.proxy, c.proxy_rank, report.n_ranked))
         parts.append(dec)
@@ -304,7 +305,7 @@ def export_tree(trace, fmt: str, width: int = EXPORT_WIDTH) -> str:
     rec = Console(theme=THEME, record=True, width=width, file=io.StringIO(), highlight=False)
     show_tree(trace, rec)
     if fmt == "svg":
-        return rec.export_svg(title=f"sage explain · {trace.model.name}")
+        return rec.export_svg(title=untrusted(f"sage explain · {trace.model.name}", multiline=False))
     if fmt == "html":
         return rec.export_html()
     raise ValueError(f"unknown export format {fmt!r}")
