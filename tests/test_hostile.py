@@ -866,3 +866,33 @@ def test_nul_in_a_vocabulary_string_is_refused(tmp_path, smollm2_path):
     bad = _flip(smollm2_path, tmp_path / "nul.gguf", 151114, 0)
     with pytest.raises(GGUFError, match="repeats token"):
         check_model(bad)
+
+
+def test_sampled_views_of_a_hostile_trace_are_inert(tmp_path):
+    """Answers inside outcome distributions (schema 3) come from a trace file too."""
+    from typer.testing import CliRunner
+
+    from sage.cli.main import app
+    from sage.cli.ui import AskView, console
+    from sage.inverse.outcomes import make_outcome
+    from sage.trace import Outcomes, save_trace
+
+    tr = _hostile_trace()
+    evil = "[/]7\x1b[0m"
+    o = make_outcome(0, None, [evil, evil, "12", None], 40, "max", OSC)
+    tr.analysis.outcomes = Outcomes(
+        sampling={"temperature": 1.0}, rule="[bold]x\x1b[2J", budget=100, spent=40, start=o,
+        steps=[o for _ in tr.steps], movement=[0.5 for _ in tr.steps], movement_p=[0.05 for _ in tr.steps],
+        anchors=[1], proposed=1, measured=1, vote=evil, parallel=4)
+    for d in tr.analysis.decisions:
+        d.outcome, d.fork, d.fork_p, d.confirmed = o, 0.9, 0.01, True
+        for b in d.branches:
+            b.outcome = o
+    saved = save_trace(tr, tmp_path)
+    r = CliRunner().invoke(app, ["explain", "--tree", str(saved)])
+    assert r.exit_code == 0, r.output
+    _assert_inert(r.output)
+    assert "[/]7␛[0m" in r.output
+    with console.capture() as cap:
+        AskView().summary(tr, None, vote=True)
+    _assert_inert(cap.get())

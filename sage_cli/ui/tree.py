@@ -222,7 +222,7 @@ def trace_tree(trace) -> Tree:
         answer.add(Text("this trace has no inverse analysis (it was made with --no-track)", style="dim"))
     else:
         for note in an.notes:
-            answer.add(Text(note, style="dim"))
+            answer.add(safe_text(note, style="dim"))
         if oc is not None:
             answer.add(Text(untrusted(f"{oc.spent} of {oc.budget} tokens sampled; sampling {oc.sampling}; {oc.rule}"),
                             style="dim"))
