@@ -101,7 +101,7 @@ def main() -> None:
     reng = Engine(path, n_ctx=4096, track=True, n_seq_max=7)
     for batch in (False, True):
         tr = reason(reng, problem, max_tokens=args.tokens,
-                    analysis=AnalysisConfig(max_decisions=3, alternatives=2, batch_rollouts=batch))
+                    analysis=AnalysisConfig(max_decisions=3, alternatives=2, batch_rollouts=batch, method="greedy"))
         t = tr.analysis.timings
         print(f"rollouts ({'batched' if batch else 'exact, one branch per decode'}): "
               f"{t['rollout_tokens']:.0f} branch tokens in {t['rollout_s']:.2f} s = {t['rollout_tokens_per_s']:.1f} tok/s "

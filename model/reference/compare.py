@@ -48,7 +48,7 @@ def compare_on_problem(
     (default: the engine's)."""
     eng = Engine(model_path, n_ctx=2048, n_threads=n_threads, track=True, n_seq_max=1)
     try:
-        trace = reason(eng, problem, max_tokens=max_tokens, analysis=AnalysisConfig(alternatives=0))
+        trace = reason(eng, problem, max_tokens=max_tokens, analysis=AnalysisConfig(alternatives=0, budget=0))
         if not trace.tokens:
             raise SageError("nothing was generated to compare")
         obs = Observation.from_engine(eng, trace, eng.tokenize_prompt(trace.prompt, trace.problem))

@@ -183,7 +183,7 @@ def collect(model_path: Path, items: list[tuple[str, Problem]], labels_path: Pat
     todo = [(s, p) for s, p in items if p.text not in done]
     if todo:
         labels_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg = AnalysisConfig(rollout_total=max_tokens)
+        cfg = AnalysisConfig(rollout_total=max_tokens, method="greedy", budget=0)
         eng = Engine(model_path, n_ctx=2048, n_threads=n_threads, track=True, n_seq_max=cfg.n_seq_max())
         try:
             with open(labels_path, "w") as f:  # the header and the complete lines (drops a cut one)
