@@ -139,7 +139,8 @@ def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_p
         proposal = best * (1.0 - np.array([t.prob for t in trace.tokens]))
         cand_threshold = cfg.threshold
     timings = {"significance_s": time.time() - t0}
-    budget = cfg.budget_tokens()
+    # sampling needs sequences beside the chain's (an engine opened with n_seq_max=1 has none)
+    budget = cfg.budget_tokens() if engine.n_seq_max > 1 else 0
     outcomes, measured, forks = None, {}, {}
     if budget > 0 and trace.steps:
         progress = (lambda n, spent: on_progress(n, spent, budget)) if on_progress else None

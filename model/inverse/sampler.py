@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sage.errors import SageError
 from sage.inverse.outcomes import answer_stated, make_outcome, settled
 from sage.sampling import StopMatcher
 from sage.steps import extract_answer
@@ -134,6 +135,7 @@ class BranchSampler:
         self._lengths: list[tuple[int, int]] = []  # (tokens, the chain's rest) of finished samples
         self.decode_s = 0.0
         self.decodes = 0
+        self.context_full = False  # a decode found no free KV cells
 
     @property
     def left(self) -> int:
@@ -274,7 +276,18 @@ class BranchSampler:
                         r.stop = "budget"
                 return
             t0 = time.perf_counter()
-            eng.decode_batch([(s.next_token, s.pos, s.seq) for s in live])
+            try:
+                eng.decode_batch([(s.next_token, s.pos, s.seq) for s in live])
+            except SageError:
+                # no KV cells left (a context too small for this many samples): what is
+                # sampled so far stands; the live samples are dropped unfinished
+                for s in live:
+                    eng.seq_remove(s.seq)
+                for r in pending:
+                    if r.stop is None:
+                        r.stop = "budget"
+                self.context_full = True
+                return
             self.decode_s += time.perf_counter() - t0
             self.decodes += 1
             self.spent += len(live)
