@@ -192,7 +192,7 @@ def _measured_decisions(trace, obs, cfg, gen_sig, best, proposal, measured, fork
             entropy=tok.entropy, significance=float(best[k]), score=float(proposal[k]),
             dependents=[int(i) for i in np.flatnonzero(gen_sig[:, k] >= cfg.threshold)], merged=0,
             alternatives=[a for a in tok.top if a.id != tok.id][:5],
-            branches=[branch_of(a, o, value, None) for a, o in alts],
+            branches=[branch_of(a, o, value) for a, o in alts],
             dependencies=dependencies_of(k, obs), confirmed=f is not None and f >= cfg.fork_threshold and fp < cfg.alpha,
             outcome=co, fork=f, fork_p=fp,
         ))

@@ -152,7 +152,7 @@ def fine(sampler: BranchSampler, trace: Trace, cfg: AnalysisConfig, spans: list[
     return out, len(plan)
 
 
-def branch_of(alt, o: Outcome, chain_answer: str | None, engine) -> Branch:
+def branch_of(alt, o: Outcome, chain_answer: str | None) -> Branch:
     """An alternative with its outcome distribution (text: its first sample's)."""
     return Branch(
         token_id=alt.id, token_text=alt.text, prob=alt.prob, text=o.example, token_ids=[alt.id],
