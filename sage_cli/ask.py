@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sage.cli.options import JsonOpt, ModelOpt, user_errors
+from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, SeedOpt, ThreadsOpt, read_problem, user_errors
 from sage.paths import sage_home
 
 T_IMPORT = time.time()  # fallback start time where /proc is not available
@@ -17,18 +17,23 @@ MAX_CTX = 1 << 20  # tokens; llama.cpp would try to allocate the KV cache of wha
 
 @user_errors
 def ask(
-    problem: Annotated[str, typer.Argument(help="The problem to reason about.", show_default=False)],
-    model: ModelOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 512,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed (with --temperature > 0).")] = 0,
-    ctx: Annotated[
-        int, typer.Option("--ctx", help="Context size in tokens (the chain and the samples decoded with it share it).")
-    ] = 8192,
-    threads: Annotated[
-        Optional[int],
-        typer.Option("--threads", envvar="SAGE_THREADS", help="CPU threads (default: all, up to 8).", show_default=False),
+    problem: Annotated[
+        Optional[str],
+        typer.Argument(help="The problem to reason about; - (or nothing, with a pipe) reads it from stdin.",
+                       show_default=False),
     ] = None,
+    model: ModelOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    temperature: Annotated[
+        float, typer.Option("--temp", "--temperature", help="Temperature of the chain; 0 = greedy.")
+    ] = 0.0,
+    seed: SeedOpt = 0,
+    ctx: Annotated[
+        int,
+        typer.Option("--ctx-size", "-c", "--ctx",
+                     help="Context size in tokens (the chain and the samples decoded with it share it)."),
+    ] = 8192,
+    threads: ThreadsOpt = None,
     track: Annotated[
         bool, typer.Option("--track/--no-track", help="Track attention and run the inverse analysis.")
     ] = True,
@@ -53,6 +58,12 @@ def ask(
     ] = None,
     samples: Annotated[int, typer.Option("--samples", help="Most samples per outcome distribution.")] = 16,
     vote: Annotated[bool, typer.Option("--vote", help="Also print the most frequent answer of the samples.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="The full detail: every step's numbers, every candidate, the explanation.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the answer (nothing when there is none); for scripts.")
+    ] = False,
     sample_temperature: Annotated[
         Optional[float],
         typer.Option("--sample-temperature", help="Temperature of the samples (default: the preset's "
@@ -102,6 +113,9 @@ def ask(
     from sage.trace import save_trace
     from sage.cli.ui import AskView, live_proposal
 
+    problem = read_problem(problem)
+    if quiet and json_out:
+        raise SageError("--quiet and --json both choose the output: pick one")
     if exact and not track:
         raise SageError("--exact computes the significance of the inverse analysis: drop --no-track")
     if max_tokens < 1:
@@ -137,13 +151,15 @@ def ask(
         exact=exact, t_start=t_start, budget=budget, samples=samples, sample_temperature=sample_temperature,
         sample_top_p=sample_top_p, sample_top_k=sample_top_k,
     )
-    view = None if json_out else AskView()
+    view = None if json_out or quiet else AskView(verbose=verbose)
     try:
         if view:
             view.header(run.trace.problem, run.resolved.name, run.engine.info.description, run.trace.prompt_tokens)
         for rec in run:
             if view:
                 view.token(rec.text, rec.prob, track and live_proposal(rec))
+        if view:
+            view.end_chain()
         if track and view:
             with view.analyzing(run.cfg.budget_tokens(), exact) as progress:
                 run.analyze(on_progress=progress)
@@ -159,5 +175,9 @@ def ask(
     saved = save_trace(run.trace, sage_home())
     if json_out:
         print(json.dumps(run.trace.to_dict(), ensure_ascii=False))
+    elif quiet:
+        a = run.trace.answer
+        if a is not None and a.value is not None:
+            print(a.value)
     else:
         view.summary(run.trace, saved, vote=vote)

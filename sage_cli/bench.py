@@ -24,11 +24,11 @@ def bench(
             show_default=False,
         ),
     ] = None,
-    n: Annotated[int, typer.Option("--n", help="Number of problems.")] = 2,
+    n: Annotated[int, typer.Option("--n-problems", "-N", help="Number of problems.")] = 2,
     reps: Annotated[
         int, typer.Option("--reps", help="Repetitions of every configuration (2 or more give a min and max).")
     ] = 2,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per answer.")] = 160,
+    max_tokens: Annotated[int, typer.Option("--n-predict", "-n", "--max-tokens", help="Most tokens per answer.")] = 160,
     mem: Annotated[bool, typer.Option("--mem", help="Also measure memory: each configuration in its own process.")] = False,
     accuracy: Annotated[
         bool, typer.Option("--accuracy", help="Score greedy vs the samples' vote (only configurations 1 and 4 run).")
@@ -62,7 +62,7 @@ def bench(
     multi-sequence rate measured last). A machine shared with another CPU-heavy job can
     make it several times slower.
 
-    Example: sage bench --mem --n 5 --reps 3   (longer and steadier than the defaults)
+    Example: sage bench --mem --n-problems 5 --reps 3   (longer and steadier than the defaults)
     """
     from sage.bench import CONFIGS, PAPER, BenchSettings, run_bench, summarize, total_steps
     from sage.problems import problem_set
@@ -71,7 +71,7 @@ def bench(
     from sage.presets import resolve_model
     from sage.cli.ui import BenchView
 
-    for name, v in (("--max-tokens", max_tokens), ("--n", n), ("--reps", reps)):
+    for name, v in (("--max-tokens", max_tokens), ("--n-problems", n), ("--reps", reps)):
         if v < 1:
             raise SageError(f"{name} must be at least 1")
     if budget < 0:

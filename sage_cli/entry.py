@@ -8,6 +8,7 @@ trace) it cleans up on SIGTERM too.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -27,3 +28,10 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # the reader of stdout went away (sage traces list | head -1): stop quietly, as
+        # other tools do; point stdout at /dev/null so the interpreter's final flush
+        # does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)

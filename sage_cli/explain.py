@@ -13,7 +13,35 @@ import typer
 
 from sage.errors import SageError
 from sage.paths import atomic_files
-from sage.cli.options import user_errors
+from sage.cli.options import JsonOpt, user_errors
+
+HOW_TO_READ = """How to read sage's output:
+
+- **Tint**: each word is coloured by how sure the model was of it (the probability of its
+  least certain token): plain ≥ 0.8, yellow ≥ 0.5, orange ≥ 0.2, red below. Sure words can
+  still be wrong: the tint is the model's certainty, not correctness.
+
+- **Underlined** while the chain streams: a possible fork (another word was nearly as
+  likely). The analysis then checks it.
+
+- **Answer and trust**: sage asks the model the same problem again several times
+  (samples), and counts how often it reaches the answer. That share is the answer's
+  trust: high ≥ 80 %, medium ≥ 50 %, low ≥ 20 %, very low below (probably wrong). The
+  90 % interval says how rough the share is with that few samples.
+
+- **How often the model reaches the answer when continued from each step**: the same,
+  from the chain cut after step 1, 2, ...; where the share jumps, that step decided the
+  answer ("answer moved here").
+
+- **Forks** (①, ②): words inside such a step where sage forced each alternative and let
+  the model continue many times. "as written → 18 ×7 of 8 samples" is where the chosen
+  word leads, "instead → ..." where an alternative leads. The fork score is 0 when they
+  lead to the same answers, 1 when to entirely different ones; p is how often a
+  difference this large comes from chance alone (small p: not chance).
+
+- **Possible decision points** (with --budget 0): proposed from attention and uncertainty,
+  not measured; a guess, not evidence.
+"""
 
 
 def _check_target(path: Path, force: bool) -> None:
@@ -50,6 +78,7 @@ def explain(
         Optional[Path], typer.Option("--html", metavar="FILE", help="Also write the tree as HTML.", show_default=False)
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing export files.")] = False,
+    json_out: JsonOpt = False,
     exact: Annotated[
         bool,
         typer.Option(
@@ -68,6 +97,8 @@ def explain(
     No model is loaded, except with --exact: it recomputes the significance with true
     gradients on the trace's model file. --svg and --html also write the tree to a file.
 
+    --json prints the trace itself (with --exact, the exact report under "exact_report").
+
     Example: sage explain --tree --svg reasoning.svg
     """
     from sage.api import explain as explain_trace
@@ -85,9 +116,19 @@ def explain(
     if exact:  # before any output, so that a refusal is the only line
         with exact_status():
             report = explain_trace(loaded, exact=True).exact
-    show_tree(loaded)
-    if report is not None:
-        show_exact(report)
+    if json_out:
+        import json
+
+        data = loaded.to_dict()
+        if report is not None:
+            from dataclasses import asdict
+
+            data["exact_report"] = asdict(report)
+        print(json.dumps(data, ensure_ascii=False))
+    else:
+        show_tree(loaded)
+        if report is not None:
+            show_exact(report)
     # all exports or none: each is written to a temp file beside it, renamed when all are
     docs = [export_tree(loaded, fmt) for _, fmt in exports]
     path = None
@@ -100,3 +141,6 @@ def explain(
         raise SageError(f"cannot write {path}: {e.strerror or e}") from None
     for path, fmt in exports:
         exported(fmt, path)
+
+
+explain.__doc__ = explain.__doc__.rstrip() + "\n\n" + HOW_TO_READ

@@ -16,7 +16,7 @@ from sage.paths import heads_dir
 app = typer.Typer(
     name="heads",
     help="Train and inspect SAGE heads (tracking heads, inverse analysis layer, meta-cognitive head).\n\n"
-    "Example: sage heads train --n 128 --seed 0",
+    "Example: sage heads train --n-problems 128 --seed 0",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -39,17 +39,17 @@ def _check_out(out: Path, force: bool) -> None:
 @user_errors
 def train(
     model: ModelOpt = None,
-    n: Annotated[int, typer.Option("--n", help="Problems: half GSM8K-train (../shared/data), half arithmetic.")] = 64,
+    n: Annotated[int, typer.Option("--n-problems", "-N", help="Problems: half GSM8K-train (../shared/data), half arithmetic.")] = 64,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the problems held out for evaluation.")] = 0.25,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the problem sample, the token sample and training.")] = 0,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per answer.")] = 160,
+    max_tokens: Annotated[int, typer.Option("--n-predict", "-n", "--max-tokens", help="Most tokens per answer.")] = 160,
     sample: Annotated[
         int, typer.Option("--sample", help="Random candidate tokens rolled out per chain, beside the analytic decisions.")
     ] = 4,
     depth: Annotated[int, typer.Option("--depth", help="Blocks of the inverse analysis layer (the paper: 6).")] = 6,
     width: Annotated[int, typer.Option("--width", help="Width of the inverse analysis layer.")] = 16,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (full batch; best validation epoch kept).")] = 300,
-    n_heads: Annotated[int, typer.Option("--heads", help="Attention heads to track.")] = 8,
+    n_heads: Annotated[int, typer.Option("--n-heads", help="Attention heads to track.")] = 8,
     max_layers: Annotated[int, typer.Option("--layers", help="Most layers the tracked heads may span.")] = 4,
     labels: Annotated[
         Optional[Path],
@@ -77,12 +77,12 @@ def train(
 
     Labels are saved as they are collected: an interrupted run resumes.
 
-    Example: sage heads train --n 128 --seed 0
+    Example: sage heads train --n-problems 128 --seed 0
     """
     from sage.heads import heads_name
     from sage.presets import resolve_model
 
-    for name, v, lo in (("--n", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--depth", depth, 1),
+    for name, v, lo in (("--n-problems", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--depth", depth, 1),
                         ("--width", width, 2), ("--epochs", epochs, 1), ("--heads", n_heads, 1),
                         ("--layers", max_layers, 1)):
         if v < lo:

@@ -39,6 +39,8 @@ def user_errors(fn: Callable) -> Callable:
             # Ctrl-C (or SIGTERM, sage.cli.entry) where the command has no handler of its
             # own: what it was writing is cleaned up by then (temp files are removed)
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            raise  # stdout closed early (sage ... | head): sage.cli.entry ends quietly
         except OSError as e:
             # a path the user gave that the system refuses (a name too long, no permission)
             from sage.cli.ui import error
@@ -56,3 +58,38 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+MaxTokensOpt = Annotated[
+    int, typer.Option("--n-predict", "-n", "--max-tokens", help="Most tokens to generate (per answer).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", "-s", help="Seed of the chain's sampling (with --temp > 0) and of the samples.")]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", "-t", envvar="SAGE_THREADS", help="CPU threads (default: all, up to 8).",
+                 show_default=False),
+]
+MAX_PROBLEM_BYTES = 1 << 20  # a problem read from stdin; the context refuses far less anyway
+
+
+def read_problem(problem: Optional[str]) -> str:
+    """The problem argument, or stdin for '-' (or no argument while stdin is a pipe)."""
+    import sys
+
+    if problem is not None and problem != "-":
+        return problem
+    if problem is None and sys.stdin.isatty():
+        raise SageError('give the problem: sage ask "PROBLEM" (or - to read it from stdin)')
+    try:
+        data = sys.stdin.buffer.read(MAX_PROBLEM_BYTES + 1)
+    except OSError as e:
+        raise SageError(f"cannot read the problem from stdin: {e.strerror or e}") from None
+    if len(data) > MAX_PROBLEM_BYTES:
+        raise SageError(f"the problem on stdin is over {MAX_PROBLEM_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SageError("the problem on stdin is not UTF-8 text") from None
+    if not text.strip():
+        raise SageError("stdin held no problem (it was empty)")
+    return text.strip()

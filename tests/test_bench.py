@@ -89,7 +89,7 @@ def test_branch_vote():
 
 
 def _bench(*args):
-    r = runner.invoke(app, ["bench", "--problems", "arithmetic", "--n", "1", "--reps", "1", "--max-tokens", "24", "--budget", "300", "--json", *args])
+    r = runner.invoke(app, ["bench", "--problems", "arithmetic", "--n-problems", "1", "--reps", "1", "--max-tokens", "24", "--budget", "300", "--json", *args])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -139,7 +139,7 @@ def test_accuracy_mode():
     assert row["vote_tokens_per_problem"] >= row["tokens_per_problem"]
 
 
-@pytest.mark.parametrize("args,needle", [(["--problems", "nope.jsonl"], "no problems file"), (["--n", "0"], "--n"),
+@pytest.mark.parametrize("args,needle", [(["--problems", "nope.jsonl"], "no problems file"), (["--n-problems", "0"], "--n-problems"),
                                          (["--reps", "0"], "--reps"), (["--heads", "nope.sage.gguf"], "no heads")])
 def test_bench_bad_input(args, needle):
     r = runner.invoke(app, ["bench", *args])

@@ -30,7 +30,7 @@ def test_version():
 
 
 @pytest.mark.parametrize(
-    "cmd", [[], ["ask"], ["explain"], ["bench"], ["convert"], ["models"], ["heads"], ["heads", "train"], ["heads", "show"]]
+    "cmd", [[], ["ask"], ["explain"], ["bench"], ["convert"], ["models"], ["heads"], ["heads", "train"], ["heads", "show"], ["traces"]]
 )
 def test_help_has_example(cmd):
     r = run(*cmd, "--help")
@@ -42,8 +42,9 @@ def test_ask_renders_and_saves(tmp_path):
     r = run("ask", PROBLEM, "--max-tokens", "80", "--no-track")
     assert r.exit_code == 0, r.output
     out = r.stdout
-    assert "Problem" in out and "Steps" in out
-    assert "Answer" in out or "no final answer" in out
+    assert "Problem" in out and "Steps" not in out  # compact by default; -v has the steps table
+    assert "Answer" in out or "No answer" in out
+    assert "trace saved to" in r.stderr and "trace saved to" not in out  # messages on stderr
     home = Path(os.environ["SAGE_HOME"])
     last = json.loads((home / "last.json").read_text())
     assert last["schema"] == "sage.trace" and last["problem"] == PROBLEM
@@ -65,9 +66,9 @@ def test_ask_json_is_only_json():
 def test_ask_analysis_then_explain_tree(tmp_path):
     """The user's path: ask (tracking on by default), then explain --tree from last.json."""
     problem = "Tom has 3 boxes with 12 eggs in each box. He uses 7 eggs. How many eggs are left?"
-    r = run("ask", problem, "--max-tokens", "120", "--alternatives", "1", "--budget", "1500", "--vote")
+    r = run("ask", problem, "--max-tokens", "120", "--alternatives", "1", "--budget", "1500", "--vote", "-v")
     assert r.exit_code == 0, r.output
-    assert "answers from the problem alone" in r.stdout and "Explanation" in r.stdout
+    assert "answers from the problem alone" in r.stdout and "Explanation" in r.stdout and "Steps" in r.stdout
     assert "trust" in r.stdout and "vote (most frequent answer)" in r.stdout
     last = json.loads((Path(os.environ["SAGE_HOME"]) / "last.json").read_text())
     a = last["analysis"]
@@ -294,3 +295,65 @@ def test_threshold_applies_to_the_heads_in_use():
     # the explanation says which heads scored a decision
     assert own["decisions"] and "the trained heads give it a decision score of" in own["explanation"]["justification"][0]
     assert not any("decision score" in j for j in analytic["explanation"]["justification"])
+
+
+def test_flags_match_llama_cpp_and_each_other():
+    """-t threads, --temp, -c context, -s seed, -n tokens (llama.cpp's names), the same in
+    every command; no <bool> metavar; shell completion offered."""
+    r = run("ask", PROBLEM, "-n", "12", "-t", "1", "-c", "512", "-s", "3", "--temp", "0.7", "--no-track", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert len(d["tokens"]) == 12 and d["settings"]["temperature"] == 0.7 and d["settings"]["seed"] == 3
+    assert d["settings"]["n_ctx"] == 512 and d["settings"]["n_threads"] == 1
+    for cmd in (["ask"], ["bench"], ["heads", "train"]):
+        h = run(*cmd, "--help").stdout
+        assert "<bool>" not in h, cmd
+        assert "-n" in h and "--n-predict" in h, cmd
+    assert "--n-problems" in run("bench", "--help").stdout and "--n-problems" in run("heads", "train", "--help").stdout
+    assert "--install-completion" in run("--help").stdout
+
+
+def test_ask_reads_stdin_and_quiet_prints_only_the_answer():
+    r = runner.invoke(app, ["ask", "-", "-n", "40", "--budget", "0", "--json"], input="What is 2 + 3?\n")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["problem"] == "What is 2 + 3?"
+    # no argument with a pipe reads stdin too; --quiet: the answer alone on stdout
+    r = runner.invoke(app, ["ask", "-n", "40", "--budget", "0", "-q"], input="What is 2 + 3?")
+    assert r.exit_code == 0, r.output
+    a = json.loads((Path(os.environ["SAGE_HOME"]) / "last.json").read_text())["answer"]
+    assert r.stdout == (a["value"] + "\n" if a["value"] is not None else "")
+    one_line_error(runner.invoke(app, ["ask", "-"], input="  \n"), "empty")
+    one_line_error(runner.invoke(app, ["ask", "-"], input=b"\xff\xfe"), "UTF-8")
+    one_line_error(run("ask", "hi", "-q", "--json"), "pick one")
+
+
+def test_explain_json_and_traces(tmp_path):
+    for q in ("What is 2 + 3?", "What is 4 + 4?"):
+        assert run("ask", q, "-n", "16", "--budget", "0").exit_code == 0
+    home = Path(os.environ["SAGE_HOME"])
+    r = run("explain", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["problem"] == "What is 4 + 4?"
+    r = run("traces", "list", "--json")
+    rows = json.loads(r.stdout)
+    assert [x["problem"] for x in rows] == ["What is 4 + 4?", "What is 2 + 3?"] and rows[0]["number"] == 1
+    r = run("traces")  # the list is the default
+    assert r.exit_code == 0 and "What is 2 + 3?" in r.stdout and "What is 4 + 4?" in r.stdout
+    r = run("traces", "show", "2", "--json")
+    assert json.loads(r.stdout)["problem"] == "What is 2 + 3?"
+    assert run("traces", "show", rows[1]["id"][:12]).exit_code == 2  # a prefix that names both
+    r = run("traces", "path", "1")
+    assert r.stdout.strip() == rows[0]["path"]
+    one_line_error(run("traces", "show", "9"), "2 saved traces")
+    one_line_error(run("traces", "show", "nope"), "no saved trace")
+    one_line_error(run("traces", "rm"), "--all")
+    # removing the newest removes last.json (its copy) too; the other stays
+    r = run("traces", "rm", "1")
+    assert r.exit_code == 0 and "removed 1 trace" in r.stderr
+    assert not (home / "last.json").exists()
+    assert [x["problem"] for x in json.loads(run("traces", "list", "--json").stdout)] == ["What is 2 + 3?"]
+    assert run("traces", "rm", "--all").exit_code == 1  # asks; no answer on stdin: nothing removed
+    assert len(list((home / "traces").glob("*.json"))) == 1
+    assert run("traces", "rm", "--all", "--yes").exit_code == 0
+    assert not list((home / "traces").glob("*.json"))

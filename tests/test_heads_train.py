@@ -136,7 +136,7 @@ def test_heads_train_end_to_end(tmp_path, smollm2_path, run_sage):
     `sage ask` running on the trained heads."""
     out = tmp_path / "mine.sage.gguf"
     labels = tmp_path / "labels.jsonl"
-    args = ["heads", "train", "--n", "8", "--max-tokens", "48", "--sample", "3", "--depth", "2", "--width", "8",
+    args = ["heads", "train", "--n-problems", "8", "--max-tokens", "48", "--sample", "3", "--depth", "2", "--width", "8",
             "--epochs", "20", "--labels", str(labels), "--out", str(out), "--json"]
     r = run_sage(*args)
     assert r.returncode == 0, r.stderr
@@ -171,7 +171,7 @@ def test_heads_train_end_to_end(tmp_path, smollm2_path, run_sage):
 @pytest.mark.parametrize(
     "args, msg",
     [
-        (["--n", "2"], "--n must be at least 4"),
+        (["--n-problems", "2"], "--n-problems must be at least 4"),
         (["--holdout", "1.5"], "--holdout must be between 0 and 1"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--out", "x.gguf"], "NAME.sage.gguf"),

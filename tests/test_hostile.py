@@ -277,8 +277,8 @@ def test_ask_view_shows_untrusted_text_literally(terminal):
     from sage.cli.ui import AskView
 
     t = _hostile_trace()
-    view = AskView()
-    out = _render(view.decision_panel(t.analysis.decisions[0]), terminal)
+    view = AskView(verbose=True)
+    out = _render(view.fork_block(t, t.analysis.decisions[0]), terminal)
     _assert_inert(out, terminal)
     assert "'[/]'" in out and repr(LINK) in out and "[/]7" in out
     import io

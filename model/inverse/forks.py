@@ -124,6 +124,22 @@ def candidates_in(trace: Trace, span: range, proposal: np.ndarray, cfg: Analysis
     return sorted(by_score)
 
 
+def distinct_alternatives(tok, min_prob: float = 0.0) -> list:
+    """The token's alternatives, most probable first, that a reader can tell apart: one
+    whose text is the chosen token's or an earlier alternative's but for spaces (' /'
+    beside '/') reads as the same word, so it is left out rather than sampled as a second
+    alternative."""
+    seen = {tok.text.strip()}
+    out = []
+    for a in tok.top:
+        key = a.text.strip()
+        if a.id == tok.id or a.prob < min_prob or key in seen:
+            continue
+        seen.add(key)
+        out.append(a)
+    return out
+
+
 def fine(sampler: BranchSampler, trace: Trace, cfg: AnalysisConfig, spans: list[range], proposal: np.ndarray,
          on_progress=None, threshold: float = 0.0) -> tuple[dict[int, tuple[Outcome, list[tuple]]], int]:
     """Outcome distributions of the candidates of the anchor steps: for each candidate
@@ -137,7 +153,7 @@ def fine(sampler: BranchSampler, trace: Trace, cfg: AnalysisConfig, spans: list[
                 continue
             seen.add(k)
             tok = trace.tokens[k]
-            alts = [a for a in tok.top if a.id != tok.id and a.prob >= cfg.min_alt_prob][: cfg.alternatives]
+            alts = distinct_alternatives(tok, cfg.min_alt_prob)[: cfg.alternatives]
             chosen = sampler.request(k, tok.id, cfg.samples)
             plan.append((k, chosen, [(a, sampler.request(k, a.id, cfg.samples)) for a in alts]))
     # the most promising first: a budget cut leaves the heads' best candidates measured

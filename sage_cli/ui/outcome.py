@@ -62,11 +62,12 @@ def dist_text(o, mark: str | None = None, most: int = 4) -> Text:
     return t
 
 
-def confidence_words(share: float, k: int, n: int, lo: float, hi: float) -> Text:
-    """'medium trust: 9 of 12 samples (75 %, 90 % interval 52–89 %) reach it'."""
-    word, meaning, style = trust(share)
-    t = Text.assemble((f"{word} trust", style))
-    t.append(f": {k} of {n} samples from the problem alone reach it ({share:.0%}; 90 % interval {lo:.0%}–{hi:.0%})")
+def confidence_words(share: float, k: int, n: int, lo: float, hi: float, word: bool = True) -> Text:
+    """'medium trust: 9 of 12 samples (75 %, 90 % interval 52–89 %) reach it'; without
+    the trust word where it is shown beside the answer already."""
+    name, meaning, style = trust(share)
+    t = Text.assemble((f"{name} trust: ", style)) if word else Text()
+    t.append(f"{k} of {n} samples from the problem alone reach it ({share:.0%}; 90 % interval {lo:.0%}–{hi:.0%})")
     t.append(f" — {meaning}", style="dim")
     if n < FEW:
         t.append(f"; only {n} samples, so the share is rough", style="dim")

@@ -45,3 +45,9 @@ def untrusted(s: object, multiline: bool = True) -> str:
 def text(s: object, style: str = "", multiline: bool = True) -> Text:
     """`untrusted(s)` as a rich Text (never markup)."""
     return Text(untrusted(s, multiline), style=style)
+
+
+def token_label(s: str) -> str:
+    """A token as the user can see it, in the one quoting style of every view: in single
+    quotes, leading spaces kept, newlines and tabs as \\n and \\t."""
+    return "'" + untrusted(s.replace("\n", "\\n").replace("\t", "\\t"), multiline=False) + "'"

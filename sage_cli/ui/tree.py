@@ -18,7 +18,7 @@ from rich.tree import Tree
 
 from sage.cli.ui import THEME, bar, console, tint
 from sage.cli.ui.outcome import confidence_words, dist_text
-from sage.cli.ui.safe import text as safe_text, untrusted
+from sage.cli.ui.safe import text as safe_text, token_label, untrusted
 
 # styles this view needs beyond ui.THEME; pushed on top of it while printing
 TREE_THEME = Theme(
@@ -45,11 +45,6 @@ def shorten(text: str, limit: int) -> str:
     if space > limit // 2:
         cut = cut[:space]
     return cut.rstrip(" ,;:") + "…"
-
-
-def token_label(text: str) -> str:
-    """A token as the user can see it: quoted, leading spaces and newlines kept visible."""
-    return "'" + untrusted(text.replace("\n", "\\n").replace("\t", "\\t"), multiline=False) + "'"
 
 
 # Labels start from an unstyled Text and append styled parts: a style given to the first
@@ -296,8 +291,11 @@ def show_exact(report, out: Console = console) -> None:
     out.print(exact_view(report))
 
 
-def exported(fmt: str, path, out: Console = console) -> None:
-    out.print(Text(f"{fmt.upper()} written to {path}", style="dim"))
+def exported(fmt: str, path, out: Console | None = None) -> None:
+    """Where an export was written: a message, so on stderr."""
+    from sage.cli.ui import err_console
+
+    (out or err_console).print(Text(untrusted(f"{fmt.upper()} written to {path}"), style="dim"), soft_wrap=True)
 
 
 def export_tree(trace, fmt: str, width: int = EXPORT_WIDTH) -> str:
