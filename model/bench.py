@@ -195,10 +195,11 @@ class Runner:
                 prompt, _ = format_prompt(tmpl.encode() if tmpl else None, p.text)
                 toks = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
                 t0 = time.perf_counter()
-                t_first, n, text = None, 0, ""
+                t_first, n, text, finish = None, 0, "", None
                 for chunk in self.llm.create_completion(toks, max_tokens=max_tokens, temperature=0.0, stream=True):
                     n += 1
                     text += chunk["choices"][0]["text"]
+                    finish = chunk["choices"][0].get("finish_reason") or finish
                     if t_first is None:
                         t_first = time.perf_counter()
                 t1 = time.perf_counter()
@@ -207,7 +208,8 @@ class Runner:
                 out.tokens += n
                 out.gen_s += t1 - (t_first or t1)
                 out.total_s += t1 - t0
-                ans = extract_answer(text, p.text).value
+                # as sage's own chains: a chain cut off by the token limit has only stated answers
+                ans = extract_answer(text, p.text, complete=finish == "stop").value
                 out.answers.append(ans)
                 out.spent.append(n)
             else:

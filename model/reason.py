@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from sage.engine import Engine, Sampling
 from sage.errors import SageError
-from sage.steps import extract_answer, segment_steps
+from sage.steps import extract_answer, problem_kind, segment_steps
 from sage.trace import Answer, Settings, Step, TokenRecord, Trace
 from sage import __version__
 
@@ -86,7 +86,8 @@ def finish_trace(trace: Trace) -> Trace:
                 confidence=_geo_mean_prob(trace.tokens[t0:t1]),
             )
         )
-    found = extract_answer(trace.text, trace.problem)
+    # a chain cut off (token limit, context, Ctrl-C) has only the answers it stated
+    found = extract_answer(trace.text, trace.problem, complete=trace.finish_reason == "stop")
     conf = None
     if found.value is not None and trace.tokens:
         t0, t1 = _char_to_token_span(offsets, found.start, found.end)
@@ -98,6 +99,8 @@ def finish_trace(trace: Trace) -> Trace:
         char_start=found.start,
         char_end=found.end,
         confidence=conf,
+        expected=problem_kind(trace.problem),
+        note=found.note,
     )
     return trace
 

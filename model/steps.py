@@ -23,6 +23,7 @@ class Found(NamedTuple):
     kind: str  # "number" | "option" | "none"
     start: int
     end: int
+    note: str | None = None  # a caveat the view shows: an option letter against its own text
 
 
 _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.S)
@@ -115,8 +116,15 @@ def segment_steps(text: str) -> list[Span]:
 
 # --- answers -----------------------------------------------------------------------
 
-_NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+# a number: "-3.5", "$1,200", "$ 12", "3/4"; white space only after a "$" (never a newline)
+_NUM = r"-?(?:\$ ?)?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 _OPTION_LINE = re.compile(r"(?:^|\s|\()([A-E])\s*[).:]\s*\S", re.M)
+# an option and its text: "A) 40 km/h", "(B) 45", "C: 50" up to the next option or line end
+_OPTION_TEXT = re.compile(r"(?:^|(?<=\s)|(?<=\())\(?([A-E])\s*[).:]\s*(.*?)(?=\s*\(?[A-E]\s*[).:]\s*\S|\n|$)", re.M)
+# a list number or step label: "2. ", "3) ", "Step 4:", at the start of a line; also one
+# that ends the text ("...\n2."), where a cut-off chain began its next item
+_LIST_NUMBER = re.compile(r"(?:^[ \t]*(?:step\s*)?\d{1,3}\s*[.):](?=[ \t]+\S|[ \t]*$)|\bstep\s+\d{1,3}\b)",
+                          re.I | re.M)
 _CUES = [
     re.compile(r"\\boxed\{([^{}]*)\}"),
     re.compile(r"####\s*(.+)"),
@@ -124,6 +132,18 @@ _CUES = [
         r"(?:final answer|the answer|answer)\s*(?:is|:|=|would be|will be)?\s*[:=]?\s*(.{1,40})", re.I
     ),
 ]
+# what a question asks for when it has no options: a number if it has digits, number words
+# or asks for a quantity; otherwise an open answer that sage cannot compare across samples
+_NUMBER_WORDS = re.compile(
+    r"\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|"
+    r"fifteen|sixteen|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|"
+    r"ninety|hundred|thousand|million|billion|dozen|half|twice|double|triple|"
+    r"how (?:many|much|long|far|old|fast|often|tall|big|heavy)|what (?:number|percent|percentage|fraction)|"
+    r"calculate|compute|solve|evaluate|simplify|sum|product|total|average|mean|percent|plus|minus|"
+    r"times|divided|multiplied|squared|cubed|square root|cost|price|profit|speed|area|volume|"
+    r"perimeter|probability|ratio)\b",
+    re.I,
+)
 
 
 def problem_options(problem: str) -> list[str]:
@@ -132,33 +152,96 @@ def problem_options(problem: str) -> list[str]:
     return letters if len(letters) >= 2 and letters[0] == "A" else []
 
 
+def option_texts(problem: str) -> dict[str, str]:
+    """The text of each option of a multiple-choice problem: {"A": "40 km/h", ...}."""
+    if not problem_options(problem):
+        return {}
+    out: dict[str, str] = {}
+    for m in _OPTION_TEXT.finditer(problem):
+        out.setdefault(m.group(1), m.group(2).strip())
+    return out
+
+
+def problem_kind(problem: str) -> str:
+    """What the problem asks for: "option" (it lists options A-E), "number" (it has digits
+    or number words, or asks for a quantity), else "open" ("Why is the sky blue?"), whose
+    answers sage does not extract: there is no short value to compare across samples."""
+    if problem_options(problem):
+        return "option"
+    if not problem.strip():  # no problem to go by (text-only callers): a number, as before
+        return "number"
+    if re.search(r"\d", problem) or _NUMBER_WORDS.search(problem):
+        return "number"
+    return "open"
+
+
 def normalize_number(raw: str) -> str | None:
     """"$1,200.00" -> "1200", "-3.50" -> "-3.5", "3/4" stays "3/4"; None if no number."""
     m = re.search(_NUM, raw)
     if not m:
         return None
-    s = m.group(0).replace("$", "").replace(",", "").replace(" ", "")
+    s = re.sub(r"[\s$,]", "", m.group(0))
     if "/" in s:
         return s
     if "." in s:
         s = s.rstrip("0").rstrip(".")
-    if s in ("-0", ""):
+    if s in ("-0", "", "-"):
         s = "0"
     return s
 
 
-def extract_answer(text: str, problem: str = "") -> Found:
+def _list_numbers(text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in _LIST_NUMBER.finditer(text)]
+
+
+def _option_note(text: str, found: "Found", problem: str) -> str | None:
+    """When the chain names an option letter followed by a value that is another option's
+    ("D) 45 km/h" where D is 50 and 45 is C): a note saying so, else None."""
+    options = option_texts(problem)
+    mine = options.get(found.value or "")
+    if not mine:
+        return None
+    m = re.match(r"\s*\)?\s*[:.)]?\s*(" + _NUM + ")", text[found.end : found.end + 40])
+    if not m:
+        return None
+    said = normalize_number(m.group(1))
+    if said is None or said == normalize_number(mine):
+        return None
+    other = [k for k, v in options.items() if k != found.value and normalize_number(v) == said]
+    if not other:
+        return None
+    return (f"the chain wrote option {found.value} with the value {said}, but option {found.value} is "
+            f"{mine!r} and {said} is option {other[0]}: the letter and the value disagree")
+
+
+def extract_answer(text: str, problem: str = "", complete: bool = True) -> Found:
     """Find the final answer in the text after any `<think>` section.
 
     Multiple-choice problems (options A-E in the problem) give an option letter, others a
-    number. Answer cues ("the answer is", "####", \\boxed{}) win over a bare last value.
+    number; open questions (`problem_kind` "open") none. Answer cues ("the answer is",
+    "####", \\boxed{}) win over a bare last value. A text that did not end on its own
+    (`complete=False`: cut off by the token limit) has only the answers it stated with a
+    cue: its last number may be the middle of a sentence ("6 times 7 gives us"). List
+    numbers ("2. ", "Step 3:") are never an answer.
     """
+    kind = problem_kind(problem)
+    if kind == "open":
+        return Found("", None, "none", len(text), len(text))
     think_end = text.rfind("</think>")
     base = think_end + len("</think>") if think_end >= 0 else 0
     body = text[base:]
     if think_end < 0 and "<think>" in text:
         base, body = 0, text  # unfinished think: best effort over everything
     options = problem_options(problem)
+    markers = _list_numbers(body)
+
+    def is_list_number(a: int, b: int) -> bool:
+        return any(s <= a and b <= e for s, e in markers)
+
+    def number(m: re.Match, offset: int) -> Found:
+        raw = m.group(0)
+        lead = len(raw) - len(raw.lstrip())
+        return Found(raw.strip(), normalize_number(raw), "number", offset + m.start() + lead, offset + m.end())
 
     def find_in(segment: str, offset: int) -> Found | None:
         if options:
@@ -169,11 +252,13 @@ def extract_answer(text: str, problem: str = "") -> Found:
                 return Found(m.group(0), m.group(1), "option", offset + m.start(), offset + m.end())
             return None
         m = re.search(_NUM, segment)
-        if m:
-            return Found(
-                m.group(0).strip(), normalize_number(m.group(0)), "number", offset + m.start(), offset + m.end()
-            )
-        return None
+        return number(m, offset) if m else None
+
+    def with_note(f: Found) -> Found:
+        if f.kind != "option":
+            return f
+        note = _option_note(text, f, problem)
+        return f._replace(note=note) if note else f
 
     # cue-based: the last cue in the text wins
     best: Found | None = None
@@ -195,18 +280,19 @@ def extract_answer(text: str, problem: str = "") -> Found:
             if found:
                 best, best_pos = found, m.start()
     if best:
-        return best
-    # fallback: the last number (or option letter) in the text
+        return with_note(best)
+    if not complete:
+        return Found("", None, "none", len(text), len(text))
+    # fallback: the last number (or option letter) in the text, list numbers aside
     if options:
         f = find_in(body, base)
         if f:
-            return f
+            return with_note(f)
     else:
         last = None
-        for last in re.finditer(_NUM, body):
-            pass
+        for m in re.finditer(_NUM, body):
+            if not is_list_number(m.start(), m.end()):
+                last = m
         if last:
-            return Found(
-                last.group(0).strip(), normalize_number(last.group(0)), "number", base + last.start(), base + last.end()
-            )
+            return number(last, base)
     return Found("", None, "none", len(text), len(text))

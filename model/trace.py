@@ -70,6 +70,8 @@ class Answer:
     char_start: int
     char_end: int
     confidence: float | None  # geometric mean of the answer tokens' probabilities
+    expected: str = "number"  # what the problem asks for: "number" | "option" | "open" (no short answer)
+    note: str | None = None  # a caveat: the option letter disagrees with the value written beside it
 
 
 @dataclass
@@ -491,7 +493,8 @@ TRACE_SCHEMA: dict[str, Any] = _obj(
                         "char_start": _int,
                         "char_end": _int,
                         "confidence": {"type": ["number", "null"]},
-                    }
+                    },
+                    {"expected": {"enum": ["number", "option", "open"]}, "note": {"type": ["string", "null"]}},
                 ),
             ]
         },

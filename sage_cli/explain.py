@@ -25,9 +25,14 @@ HOW_TO_READ = """How to read sage's output:
   likely). The analysis then checks it.
 
 - **Answer and trust**: sage asks the model the same problem again several times
-  (samples), and counts how often it reaches the answer. That share is the answer's
-  trust: high ≥ 80 %, medium ≥ 50 %, low ≥ 20 %, very low below (probably wrong). The
-  90 % interval says how rough the share is with that few samples.
+  (samples) and counts how often it reaches the answer. That share is the answer's
+  trust: high ≥ 80 %, medium ≥ 50 %, low ≥ 20 %, very low below (probably wrong); the
+  answer is coloured by it. The 90 % interval says how rough the share is with that few
+  samples. "No answer" means the chain gave none: it was cut off (raise --max-tokens) or
+  stated no final value; sage never guesses one from the middle of a sentence or a list
+  number. A note under the answer flags an option letter whose value belongs to another
+  option. Questions without a short answer ("Why is the sky blue?") get none to check:
+  sage shows where the model was unsure, but cannot count answers or judge the words.
 
 - **How often the model reaches the answer when continued from each step**: the same,
   from the chain cut after step 1, 2, ...; where the share jumps, that step decided the

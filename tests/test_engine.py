@@ -1,6 +1,7 @@
 """The llama.cpp engine and `reason` on the real embedded SmolLM2 model."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -89,9 +90,14 @@ def test_reason_is_deterministic_and_valid(engine, tmp_path):
         assert a.text[s.char_start : s.char_end] == s.text
         assert 0 <= s.token_start < s.token_end <= len(a.tokens)
         assert 0 < s.confidence <= 1
-    # stable on any CPU: the chain restates the problem's numbers, and without an answer cue
-    # the extractor takes the last number, so some number is found whatever the greedy text
-    assert a.answer is not None and a.answer.kind == "number" and a.answer.value is not None
+    # stable on any CPU: a chain that ended by itself restates the problem's numbers, and
+    # without an answer cue the extractor takes the last number; a chain cut off at 96 tokens
+    # has an answer only where it stated one ("the answer is ..."), never a number mid-sentence
+    assert a.answer is not None and a.answer.expected == "number"
+    if a.finish_reason == "stop":
+        assert a.answer.kind == "number" and a.answer.value is not None
+    else:
+        assert a.answer.value is None or re.search(r"answer|####|boxed", a.text, re.I)
     saved = save_trace(a, tmp_path)
     back = load_trace(saved)
     assert back.to_dict() == a.to_dict()

@@ -203,7 +203,9 @@ def test_old_traces_load_and_render(sampled, tmp_path, run_sage):
     assert old.analysis.outcomes is None
     r = run_sage("explain", "--tree", str(p))
     assert r.returncode == 0, r.stderr
-    assert "Answer" in r.stdout and "continued from here" not in r.stdout
+    # a chain cut off at 100 tokens may have stated no answer: the tree says so, in words
+    assert ("Answer" in r.stdout or "no answer: the chain was cut off" in r.stdout)
+    assert "continued from here" not in r.stdout and "None" not in r.stdout
 
 
 def test_tree_shows_the_distributions(sampled, tmp_path, run_sage):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sage.steps import extract_answer, normalize_number, problem_options, segment_steps
+from sage.steps import extract_answer, normalize_number, option_texts, problem_kind, problem_options, segment_steps
 
 
 def texts(text):
@@ -119,3 +119,69 @@ def test_extract_option(text, value):
     assert found.kind == "option"
     assert found.value == value
     assert text[found.start : found.end].strip("() ") == value
+
+
+# --- answers a person can judge: none where none was given --------------------------
+
+def test_a_cut_off_chain_has_only_stated_answers():
+    # "What is 6 times 7?" with -n 60 stopped at "which gives us": 7 is not its answer
+    text = "To find 6 times 7, we multiply 6 by 7, which gives us"
+    assert extract_answer(text, "What is 6 times 7?", complete=False).value is None
+    assert extract_answer(text, "What is 6 times 7?").value == "7"  # a finished text keeps the fallback
+    stated = text + " 42. The answer is 42"
+    assert extract_answer(stated, "What is 6 times 7?", complete=False).value == "42"
+
+
+@pytest.mark.parametrize("text", [
+    "We add the numbers.\n1. First add 20 and 4.\n2.",  # the next item had just begun
+    "We add the numbers.\n1. First add 20 and 4.\n2. ",
+    "Step 1: add 20 and 4.\nStep 2:",
+])
+def test_list_numbers_are_never_the_answer(text):
+    found = extract_answer(text, "What is 20 + 4?")
+    assert found.value not in ("2", "\n2") and found.value == "4", found
+    assert "\n" not in (found.value or "") and found.text == found.text.strip()
+
+
+def test_values_are_stripped():
+    found = extract_answer("The total is\n2", "What is 1 + 1?")
+    assert found.value == "2" and found.text == "2"
+    assert normalize_number("$ 12") == "12" and normalize_number("\n7") == "7"
+
+
+KMH = "A car drives 90 km in 2 hours. What is its speed? Options: A) 40 km/h B) 42 km/h C) 45 km/h D) 50 km/h E) 55 km/h"
+
+
+def test_option_texts():
+    assert option_texts(KMH) == {"A": "40 km/h", "B": "42 km/h", "C": "45 km/h", "D": "50 km/h", "E": "55 km/h"}
+    assert option_texts(AQUA)["B"] == "40" and option_texts("What is 2 + 2?") == {}
+
+
+def test_an_option_letter_that_contradicts_its_text_is_flagged():
+    found = extract_answer("90 / 2 = 45 km/h. The answer is D) 45 km/h", KMH)
+    assert found.value == "D" and found.note is not None
+    assert "D" in found.note and "50 km/h" in found.note and "option C" in found.note
+    # the letter and its value agree, or no value is written: no note
+    assert extract_answer("The answer is C) 45 km/h", KMH).note is None
+    assert extract_answer("The answer is D.", KMH).note is None
+    # a value that is no option's: nothing to say it contradicts
+    assert extract_answer("The answer is D) 47 km/h", KMH).note is None
+
+
+@pytest.mark.parametrize("problem,kind", [
+    ("Why is the sky blue?", "open"),
+    ("Who wrote Hamlet?", "open"),
+    ("What is 6 times 7?", "number"),
+    ("What is six times seven?", "number"),
+    ("How many legs does a spider have?", "number"),
+    (KMH, "option"),
+    ("", "number"),
+])
+def test_problem_kind(problem, kind):
+    assert problem_kind(problem) == kind
+
+
+def test_open_questions_have_no_extracted_answer():
+    text = "The sky looks blue because air scatters short wavelengths, about 4 times more than red."
+    found = extract_answer(text, "Why is the sky blue?")
+    assert found.value is None and found.kind == "none"

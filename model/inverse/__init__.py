@@ -141,6 +141,12 @@ def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_p
     timings = {"significance_s": time.time() - t0}
     # sampling needs sequences beside the chain's (an engine opened with n_seq_max=1 has none)
     budget = cfg.budget_tokens() if engine.n_seq_max > 1 else 0
+    notes: list[str] = []
+    if trace.answer is not None and trace.answer.expected == "open":
+        # no short answer (a number, an option) to count across samples: nothing to sample
+        budget = 0
+        notes.append("an open question: no short answer (a number or an option letter) to compare across "
+                     "samples, so no outcome distributions were sampled")
     outcomes, measured, forks = None, {}, {}
     if budget > 0 and trace.steps:
         progress = (lambda n, spent: on_progress(n, spent, budget)) if on_progress else None
@@ -172,7 +178,7 @@ def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_p
         decisions=decisions,
         consistency=None,
         refined=False,
-        notes=[],
+        notes=notes,
         answer_confidence=answer_conf,
         explanation=explain_sampled(trace, decisions, outcomes, cfg.fork_threshold, trained),
         timings=timings,

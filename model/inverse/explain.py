@@ -51,7 +51,7 @@ def explain(trace: Trace, decisions: list[Decision], consistency: float | None, 
             where = (
                 f"a different answer ({b.answer if b.answer is not None else 'none found'})"
                 if b.changed
-                else f"the same answer ({b.answer})"
+                else f"the same answer ({b.answer if b.answer is not None else 'none found'})"
             )
             alts.append(
                 f"At decision {d.rank}, {_q(b.token_text)} (p={b.prob:.2f}) instead of {_q(d.text)} leads to {where} "
@@ -106,14 +106,20 @@ def explain_sampled(trace: Trace, decisions: list[Decision], outcomes, fork_thre
     (answers and sample counts) it rests on."""
     just, alts, confs, deps = [], [], [], []
     value = trace.answer.value if trace.answer else None
+    open_question = trace.answer is not None and trace.answer.expected == "open"
     if outcomes is None:
         for d in decisions:
             head = (f"the trained heads give it a decision score of {d.score:.2f}" if trained
                     else f"normalized significance {d.significance:.2f}")
             just.append(f"Proposed {d.rank} (step {d.step + 1}): the model wrote {_q(d.text)} with p={d.prob:.2f}; "
                         f"{head}.")
-        just.append("No outcome distributions were sampled (budget 0): these are the heads' proposals, "
-                    "not measured forks.")
+        if open_question:
+            just.append("The question asks for an explanation, not a number or an option letter: there is no "
+                        "short answer to compare across samples, so none were sampled. These are the heads' "
+                        "proposals, not measured forks.")
+        else:
+            just.append("No outcome distributions were sampled (budget 0): these are the heads' proposals, "
+                        "not measured forks.")
     else:
         if outcomes.anchors:
             for i in outcomes.anchors:
@@ -162,8 +168,12 @@ def explain_sampled(trace: Trace, decisions: list[Decision], outcomes, fork_thre
         confs.append(f"{outcomes.spent} of {outcomes.budget} budgeted tokens were sampled.")
     if trace.answer and trace.answer.value is not None and trace.answer.confidence is not None:
         confs.append(f"The answer {trace.answer.value} was written with token probability {trace.answer.confidence:.2f}.")
+    elif open_question:
+        confs.append("The answer is an explanation in words: sage shows where the model was unsure of its words "
+                     "but does not judge whether the explanation is right.")
     elif not (trace.answer and trace.answer.value is not None):
-        confs.append("No final answer was found in the output.")
+        confs.append("No final answer was found in the output"
+                     + (" (the chain was cut off before it stated one)." if trace.finish_reason != "stop" else "."))
     for d in decisions:
         if d.dependencies and (d.confirmed or outcomes is None):
             top = ", ".join(f"{_q(x.text)} ({x.source}, {x.weight:.2f})" for x in d.dependencies[:3])

@@ -109,6 +109,7 @@ class _Sample:
         self.n = 0
         self.ids: list[int] = []  # the sampled tokens
         self.done = False
+        self.cut = False  # stopped by the token limit or the context, not by itself
 
 
 class BranchSampler:
@@ -186,7 +187,8 @@ class BranchSampler:
         text = s.text
         if self.stops and self.stops.hit(prefix_text[-64:] + text):
             text = self.stops.cut(prefix_text[-64:] + text)[len(prefix_text[-64:]):]
-        found = extract_answer(prefix_text + text, self.trace.problem)
+        # cut off at the token limit, as the chain would have been: only a stated answer counts
+        found = extract_answer(prefix_text + text, self.trace.problem, complete=not s.cut)
         req.values.append(found.value)
         if req.example is None:
             req.example = text
@@ -296,7 +298,7 @@ class BranchSampler:
                 s.req.tokens += 1
                 s.pos += 1
                 if s.n >= s.cap or s.pos >= eng.n_ctx - 1:
-                    s.done = True
+                    s.done = s.cut = True
                 else:
                     tok = sample_token(eng.logits(i), self.settings, s.rng)
                     if eng.is_eog(tok):

@@ -285,9 +285,11 @@ class AskView:
             if not shown:
                 parts.append(Text("  none found: " + self.no_forks_reason(an), style="dim"))
         else:
+            why = ("an open question has no short answer to compare across samples"
+                   if trace.answer is not None and trace.answer.expected == "open" else "--budget 0 or no sampling")
             parts.append(Text("Possible decision points", style="title") + Text(
-                "  proposed from attention and uncertainty, not measured (--budget 0 or no sampling): "
-                "a guess, not evidence", style="dim"))
+                f"  proposed from attention and uncertainty, not measured ({why}): a guess, not evidence",
+                style="dim"))
         for d in shown:
             parts.append(self.fork_block(trace, d))
         cleared = [d for d in an.decisions if sampled and not d.confirmed and d.fork is not None]
@@ -396,12 +398,20 @@ class AskView:
     @staticmethod
     def curve_line(oc, value) -> Text:
         """The answer distribution along the chain, as the share of the chain's answer."""
-        t = Text("how often the model reaches ", style="dim")
-        t.append(answer_value(value), style="bold")
-        t.append(" when continued from: the problem ", style="dim")
+        if value is None:  # the chain gave no answer: what the samples answer most, and how often
+            t = Text("what the model answers most when continued from: the problem ", style="dim")
 
-        def share(o):
-            return Text("–", style="dim") if o is None else Text(f"{o.share_of(value):.0%}", style="bold")
+            def share(o):
+                if o is None:
+                    return Text("–", style="dim")
+                return Text.assemble((answer_value(o.leader), "bold"), f" {o.share:.0%}")
+        else:
+            t = Text("how often the model reaches ", style="dim")
+            t.append(answer_value(value), style="bold")
+            t.append(" when continued from: the problem ", style="dim")
+
+            def share(o):
+                return Text("–", style="dim") if o is None else Text(f"{o.share_of(value):.0%}", style="bold")
 
         t.append_text(share(oc.start))
         for i, o in enumerate(oc.steps):
@@ -441,9 +451,19 @@ class AskView:
         oc = an.outcomes if an else None
         border = "yellow"
         note = getattr(a, "note", None) if a is not None else None
-        if a is None or a.value is None:
-            why = note or ("the chain was cut off (--max-tokens) before it stated an answer"
-                           if trace.finish_reason == "length" else "no final answer found in the output")
+        if a is not None and a.expected == "open":
+            body = Text("No short answer to check", style="bold")
+            body.append("\n")
+            body.append("the question asks for an explanation, not a number or an option letter: sage cannot "
+                        "count how often the model reaches it, so it cannot say how far to trust it. The tint "
+                        "shows where the model was unsure of its words.", style="dim")
+            border = "blue"
+        elif a is None or a.value is None:
+            why = note or {
+                "length": "the chain was cut off (--max-tokens) before it stated an answer",
+                "context": "the chain filled the context (--ctx-size) before it stated an answer",
+                "interrupted": "the chain was interrupted before it stated an answer",
+            }.get(trace.finish_reason, "no final answer found in the output")
             body = Text("No answer: " + untrusted(why, False), style="warn")
         else:
             body = Text.assemble(("Answer ", "bold"), (untrusted(a.value, False), "bold"))

@@ -17,7 +17,7 @@ from rich.theme import Theme
 from rich.tree import Tree
 
 from sage.cli.ui import THEME, bar, console, tint
-from sage.cli.ui.outcome import confidence_words, dist_text
+from sage.cli.ui.outcome import confidence_words, dist_text, trust
 from sage.cli.ui.safe import text as safe_text, token_label, untrusted
 
 # styles this view needs beyond ui.THEME; pushed on top of it while printing
@@ -147,9 +147,16 @@ def _add_decision(parent: Tree, d) -> None:
 
 def _answer_label(trace) -> Text:
     a = trace.answer
+    if a is not None and a.expected == "open":
+        return Text("no short answer to check: the question asks for an explanation, not a number or an option",
+                    style="dim")
     if a is None or a.value is None:
-        return Text("no final answer found in the output", style="warn")
+        cut = trace.finish_reason in ("length", "context", "interrupted")
+        return Text("no answer: " + ("the chain was cut off before it stated one" if cut
+                                     else "no final answer found in the output"), style="warn")
     t = Text.assemble(("Answer ", "bold"), (untrusted(a.value, False), "answer"))
+    if a.note:
+        t.append("\nnote: " + untrusted(a.note, False), style="warn")
     an = trace.analysis
     oc = an.outcomes if an is not None else None
     if oc is not None and oc.start is not None:
@@ -157,6 +164,7 @@ def _answer_label(trace) -> Text:
 
         k, n = oc.start.count(a.value), oc.start.n
         lo, hi = wilson(k, n)
+        t.stylize(trust(k / n)[2], len("Answer "), len("Answer ") + len(untrusted(a.value, False)))
         t.append("  ")
         t.append_text(bar(k / n, 8))
         t.append("\n")

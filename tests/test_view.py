@@ -1,0 +1,87 @@
+"""What a person reads in `sage ask` and `sage explain`: an answer they can judge, never
+"None", no answer where none was given, the trust in words and colour."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from test_explain import make_trace
+
+from sage.cli.ui import THEME, AskView
+from sage.cli.ui.tree import show_tree
+from sage.inverse.outcomes import make_outcome
+from sage.trace import Answer, Outcomes
+
+
+def _sampled(trace, values):
+    o = make_outcome(0, None, values, 40, "max", " 3 dollars each.")
+    trace.analysis.outcomes = Outcomes(
+        sampling={"temperature": 1.0}, rule="settled", budget=400, spent=160, start=o,
+        steps=[o for _ in trace.steps], movement=[0.0, 0.5, 0.0], movement_p=[1.0, 0.05, 1.0],
+        anchors=[1], proposed=1, measured=1, vote=o.leader, parallel=4)
+    for d in trace.analysis.decisions:
+        d.outcome, d.fork, d.fork_p, d.confirmed = o, 0.7, 0.02, True
+        for b in d.branches:
+            b.outcome = make_outcome(0, b.token_id, ["7", "7", "7", "12"], 40, "max", b.text)
+    return trace
+
+
+def _views(trace) -> str:
+    out = []
+    for verbose in (False, True):
+        buf = io.StringIO()
+        AskView(Console(file=buf, theme=THEME, width=250), Console(file=io.StringIO()), verbose=verbose).summary(
+            trace, None, vote=True)
+        out.append(buf.getvalue())
+    buf = io.StringIO()
+    show_tree(trace, Console(file=buf, theme=THEME, width=250))
+    return "\n".join(out) + buf.getvalue()
+
+
+def test_a_cut_off_chain_shows_no_answer_and_never_none():
+    t = _sampled(make_trace(), ["12", "12", "7", None])
+    t.answer = Answer("", None, "none", len(t.text), len(t.text), None)
+    t.finish_reason = "length"
+    out = _views(t)
+    assert "None" not in out
+    assert "No answer" in out and "cut off" in out
+    assert "what the model answers most when continued from" in out  # the curve by the samples' leader
+
+
+def test_an_open_question_says_what_it_cannot_compare():
+    t = make_trace(problem="Why is the sky blue?")
+    t.answer = Answer("", None, "none", len(t.text), len(t.text), None, expected="open")
+    t.analysis.notes = []
+    for d in t.analysis.decisions:
+        d.branches = []
+    out = _views(t)
+    assert "None" not in out
+    assert "No short answer to check" in out and "explanation" in out
+    assert "open question has no short answer to compare" in out
+
+
+def test_an_option_letter_against_its_value_is_flagged_in_the_view():
+    t = _sampled(make_trace(), ["D", "D", "C", "D"])
+    t.answer = Answer("D", "D", "option", 0, 1, 0.8, expected="option",
+                      note="the chain wrote option D with the value 45, but option D is '50' and 45 is option C: "
+                           "the letter and the value disagree")
+    out = _views(t)
+    assert out.count("the letter and the value disagree") >= 3  # compact, verbose, tree
+
+
+@pytest.mark.parametrize("values,word,style", [
+    (["12"] * 9 + ["7"], "high trust", "green"),
+    (["12"] * 6 + ["7"] * 4, "medium trust", "yellow"),
+    (["12"] * 1 + ["7"] * 19, "very low trust", "bold red"),
+])
+def test_the_answer_is_coloured_by_its_trust(values, word, style):
+    t = _sampled(make_trace(), values)
+    panel = AskView.answer_panel(t)
+    assert panel.border_style == style
+    body = panel.renderable
+    assert word in body.plain
+    value_at = body.plain.index("12")
+    assert any(sp.start <= value_at < sp.end and sp.style == style for sp in body.spans)
