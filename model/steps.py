@@ -201,17 +201,33 @@ def _option_note(text: str, found: "Found", problem: str) -> str | None:
     mine = options.get(found.value or "")
     if not mine:
         return None
+    value = normalize_number(mine)
+
+    def other_option(said: str | None) -> str | None:
+        if said is None or said == value:
+            return None
+        return next((k for k, v in options.items() if k != found.value and normalize_number(v) == said), None)
+
     m = re.match(r"\s*\)?\s*[:.)]?\s*(" + _NUM + ")", text[found.end : found.end + 40])
-    if not m:
-        return None
-    said = normalize_number(m.group(1))
-    if said is None or said == normalize_number(mine):
-        return None
-    other = [k for k, v in options.items() if k != found.value and normalize_number(v) == said]
-    if not other:
-        return None
-    return (f"the chain wrote option {found.value} with the value {said}, but option {found.value} is "
-            f"{mine!r} and {said} is option {other[0]}: the letter and the value disagree")
+    if m:
+        said = normalize_number(m.group(1))
+        other = other_option(said)
+        if other:
+            return (f"the chain wrote option {found.value} with the value {said}, but option {found.value} is "
+                    f"'{mine}' and {said} is option {other}: the letter and the value disagree")
+    # the last value the chain worked out before the letter (an option it restates, "E) 55",
+    # is not one it worked out)
+    last = None
+    before = text[: found.start]
+    for x in re.finditer(_NUM, before):
+        if not re.search(r"\b[A-E]\s*[).:]\s*$", before[max(0, x.start() - 4) : x.start()]):
+            last = x
+    said = normalize_number(last.group(0)) if last else None
+    other = other_option(said)
+    if other:
+        return (f"the chain worked out {said}, which is option {other}, but answered {found.value} "
+                f"('{mine}'): the letter and the value disagree")
+    return None
 
 
 def extract_answer(text: str, problem: str = "", complete: bool = True) -> Found:

@@ -73,7 +73,8 @@ def summary_row(path: Path, number: int) -> dict:
         return row
     a = t.answer
     value = a.value if a is not None else None
-    row.update(created=t.created, model=t.model.name, problem=t.problem, answer=value, tokens=len(t.tokens),
+    row.update(created=t.created, model=t.model.name, problem=t.problem, answer=value,
+               expected=a.expected if a is not None else "number", tokens=len(t.tokens),
                finish=t.finish_reason, share=None, samples=None, trust=None)
     oc = t.analysis.outcomes if t.analysis is not None else None
     if oc is not None and oc.start is not None and oc.start.n and value is not None:
@@ -81,11 +82,17 @@ def summary_row(path: Path, number: int) -> dict:
 
         k = oc.start.count(value)
         row.update(share=k / oc.start.n, samples=oc.start.n, trust=trust(k / oc.start.n)[0])
+    elif oc is not None and oc.start is not None and oc.start.n:
+        row.update(samples=oc.start.n, leader=oc.start.leader, leader_n=oc.start.count(oc.start.leader))
     return row
 
 
-@app.callback()
-def traces(ctx: typer.Context) -> None:
+@app.callback(invoke_without_command=True)
+def traces(
+    ctx: typer.Context,
+    count: Annotated[int, typer.Option("--count", "-n", help="With no command: how many to list (0: all).")] = 20,
+    json_out: JsonOpt = False,
+) -> None:
     """List, show and remove the traces `sage ask` saved (newest first).
 
     A trace is named by its id (the file name without .json), a unique prefix of it,
@@ -94,7 +101,7 @@ def traces(ctx: typer.Context) -> None:
     Example: sage traces list -n 5; sage traces show 2; sage traces rm 2
     """
     if ctx.invoked_subcommand is None:
-        ctx.invoke(list_traces)
+        ctx.invoke(list_traces, count=count, json_out=json_out)
 
 
 @app.command("list")

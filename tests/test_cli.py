@@ -69,8 +69,14 @@ def test_ask_analysis_then_explain_tree(tmp_path):
     r = run("ask", problem, "--max-tokens", "120", "--alternatives", "1", "--budget", "1500", "--vote", "-v")
     assert r.exit_code == 0, r.output
     assert "answers from the problem alone" in r.stdout and "Explanation" in r.stdout and "Steps" in r.stdout
-    assert "trust" in r.stdout and "vote (most frequent answer)" in r.stdout
+    assert "vote (most frequent answer)" in r.stdout
     last = json.loads((Path(os.environ["SAGE_HOME"]) / "last.json").read_text())
+    # a chain cut off at 120 tokens may have stated no answer: then there is none to trust
+    if last["answer"]["value"] is not None:
+        assert "trust" in r.stdout
+    else:
+        assert "No answer: the chain was cut off at 120 tokens" in " ".join(r.stdout.split())
+    assert "None" not in r.stdout
     a = last["analysis"]
     assert a["outcomes"]["spent"] <= 1500 and a["outcomes"]["start"]["n"] >= 1
     assert all(len(d["branches"]) == 1 for d in a["decisions"])

@@ -185,3 +185,16 @@ def test_open_questions_have_no_extracted_answer():
     text = "The sky looks blue because air scatters short wavelengths, about 4 times more than red."
     found = extract_answer(text, "Why is the sky blue?")
     assert found.value is None and found.kind == "none"
+
+
+def test_an_option_letter_against_the_value_worked_out_is_flagged():
+    # the chain computed 45 km/h (option C), then answered D) 50 km/h
+    text = "Average speed = 90 km / 2 hours = 45 km/h\n\nSo the answer is D) 50 km/h"
+    found = extract_answer(text, KMH)
+    assert found.value == "D" and found.note is not None and "worked out 45" in found.note
+    assert "option C" in found.note
+    assert extract_answer("90 / 2 = 45 km/h, so the answer is C", KMH).note is None
+    # options the chain restates are not values it worked out
+    restated = "The options are A) 40 km/h B) 42 km/h C) 45 km/h D) 50 km/h E) 55 km/h. 90/2 = 50. The answer is D"
+    assert extract_answer(restated, KMH).note is None
+    assert extract_answer("A) 40 km/h B) 42 km/h C) 45 km/h D) 50 km/h E) 55 km/h. The answer is D", KMH).note is None

@@ -192,7 +192,7 @@ class AskView:
             if self.verbose:
                 self.out.print(self.explanation_panel(an))
         self.out.print(self.answer_panel(trace, vote))
-        if sampled:
+        if sampled and value is not None:
             self.out.print(scale_line())
         self.out.print(phase_line(trace))
         if saved:
@@ -459,8 +459,10 @@ class AskView:
                         "shows where the model was unsure of its words.", style="dim")
             border = "blue"
         elif a is None or a.value is None:
+            n_tok = len(trace.tokens)
             why = note or {
-                "length": "the chain was cut off (--max-tokens) before it stated an answer",
+                "length": f"the chain was cut off at {n_tok} tokens (-n/--max-tokens) before it stated an answer"
+                          + ("; the samples stop at the same limit" if oc is not None else ""),
                 "context": "the chain filled the context (--ctx-size) before it stated an answer",
                 "interrupted": "the chain was interrupted before it stated an answer",
             }.get(trace.finish_reason, "no final answer found in the output")

@@ -30,14 +30,24 @@ def traces_table(rows: list[dict]) -> Group:
         head = Text(_when(r["created"]), style="dim")
         head.append(" · ")
         head.append(untrusted(r["model"], False))
-        head.append(" · answer ")
-        head.append("none" if r["answer"] is None else untrusted(r["answer"], False), style="bold")
-        head.append(" · ")
+        if r.get("expected") == "open":
+            head.append(" · an open question (no short answer)", style="dim")
+        elif r["answer"] is None:
+            head.append(" · no answer" + (" (cut off)" if r.get("finish") in ("length", "context", "interrupted")
+                                          else ""), style="warn")
+        else:
+            head.append(" · answer ")
+            head.append(untrusted(r["answer"], False), style="bold")
         if r["trust"]:
+            head.append(" · ")
             head.append(f"{r['trust']} trust {round(r['share'] * r['samples'])}/{r['samples']}",
                         style=styles.get(r["trust"], ""))
-        else:
-            head.append("not sampled", style="dim")
+        elif r.get("samples"):
+            lead = (f"most samples answer {untrusted(r['leader'], False)} ({r['leader_n']}/{r['samples']})"
+                    if r.get("leader") is not None else f"no sample answered ({r['samples']} samples)")
+            head.append(" · " + lead, style="dim")
+        elif r.get("expected") != "open":
+            head.append(" · not sampled", style="dim")
         problem = " ".join(r["problem"].split())
         if len(problem) > PROBLEM_CHARS:
             problem = problem[: PROBLEM_CHARS - 1] + "…"
