@@ -1,6 +1,7 @@
 """`sage models` (list, pull), the fast offline check before a hub download, where the
-model files go (SAGE_HOME) and the table at narrow widths. No test reaches the network:
-huggingface_hub's download is replaced and the hub endpoint points at a closed local port."""
+model files go (SAGE_HOME), the table at narrow widths, and the problem samples that ship
+in the package. No test reaches the network: huggingface_hub's download is replaced and
+the hub endpoint points at a closed local port."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 import huggingface_hub
 from helpers import one_line_error
-from sage import presets
+from sage import presets, problems
 from sage.cli.main import app
 from sage.errors import SageError
 from sage.paths import cache_dir, hub_cache_dir, models_dir
@@ -353,3 +354,69 @@ def test_models_in_a_60_column_terminal(monkeypatch):
     assert r.exit_code == 0, r.output
     for name in PRESETS:
         assert name in r.stdout
+
+
+# --- the problems that ship in the package -----------------------------------------------------
+
+
+def test_shipped_samples_load_without_shared_data(monkeypatch):
+    monkeypatch.delenv("SAGE_DATA", raising=False)
+    monkeypatch.setattr(problems, "default_data_dir", lambda: None)
+    label, probs = problems.problem_set("gsm8k", 5)
+    assert len(probs) == 5 and all(p.kind == "number" for p in probs) and "shipped sample" in label
+    assert problems.problem_set("gsm8k", 5) == (label, probs)  # seeded
+    label, aqua = problems.problem_set("aqua", 3, seed=2)
+    assert len(aqua) == 3 and all(p.kind == "option" and p.gold in "ABCDE" for p in aqua)
+    assert "shipped sample" in label
+    data = problems.shipped_data_dir()
+    assert len(problems.load_problems(data / "gsm8k_sample.jsonl")) == 300
+    assert len(problems.load_problems(data / "aqua_sample.jsonl")) == 200
+    lic = (data / "LICENSES.md").read_text()
+    assert "MIT" in lic and "Apache" in lic and "openai/grade-school-math" in lic and "google-deepmind/AQuA" in lic
+
+
+def test_training_problems_come_from_the_shipped_sample(monkeypatch):
+    pytest.importorskip("torch")
+    from sage.reference.train import training_problems
+
+    monkeypatch.delenv("SAGE_DATA", raising=False)
+    monkeypatch.setattr(problems, "default_data_dir", lambda: None)
+    tr, te = training_problems(12, seed=5, holdout=0.25)
+    assert {s for s, _ in tr + te} == {"gsm8k", "arithmetic"}
+    with pytest.raises(SageError, match="holds 300") as e:
+        training_problems(1000, seed=0, holdout=0.25)
+    assert "SAGE_DATA" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sage_data_comes_first(monkeypatch, tmp_path):
+    line = json.dumps({"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"})
+    (tmp_path / "gsm8k_train.jsonl").write_text(line + "\n")
+    monkeypatch.setenv("SAGE_DATA", str(tmp_path))
+    label, probs = problems.problem_set("gsm8k", 5)
+    assert "$SAGE_DATA" in label and [p.gold for p in probs] == ["4"]
+    with pytest.raises(SageError, match="holds no aqua_dev.jsonl"):
+        problems.problem_set("aqua", 5)
+
+
+def test_package_data_ships_the_samples():
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())
+    globs = conf["tool"]["setuptools"]["package-data"]["sage"]
+    assert {"data/*.jsonl", "data/*.md"} <= set(globs)
+    data = root / "model" / "data"
+    assert {p.name for p in data.iterdir()} == {"gsm8k_sample.jsonl", "aqua_sample.jsonl", "LICENSES.md"}
+
+
+def test_the_sample_script_reproduces_the_shipped_files(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    src = root.parent / "shared" / "data"
+    if not (src / "gsm8k_train.jsonl").is_file() or not (src / "aqua_dev.jsonl").is_file():
+        pytest.skip("the full files are not in ../shared/data")
+    r = subprocess.run([sys.executable, str(root / "scripts" / "sample_data.py"), "--src", str(src), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for name in ("gsm8k_sample.jsonl", "aqua_sample.jsonl"):
+        assert (tmp_path / name).read_bytes() == (root / "model" / "data" / name).read_bytes()
