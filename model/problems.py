@@ -1,6 +1,7 @@
-"""Problem sets for the bench, the heads training and the scripts: fixed samples of the
-GSM8K / AQuA files in ../shared/data (or $SAGE_DATA), generated arithmetic problems,
-and scoring an extracted answer against the gold one."""
+"""Problem sets for the bench, the heads training and the scripts: fixed samples of
+GSM8K / AQuA (from $SAGE_DATA, else a developer's ../shared/data, else the samples that
+ship in the package, model/data/), generated arithmetic problems, and scoring an
+extracted answer against the gold one."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ class Problem:
     gold: str  # normalized answer: a number or an option letter
     kind: str  # "number" | "option"
 
+
+
+# the full files' names (in $SAGE_DATA or ../shared/data) and the shipped samples' names
+FULL_FILES = {"gsm8k": "gsm8k_train.jsonl", "aqua": "aqua_dev.jsonl"}
+SHIPPED_FILES = {"gsm8k": "gsm8k_sample.jsonl", "aqua": "aqua_sample.jsonl"}
+
+
+def shipped_data_dir() -> Path:
+    """The problem samples inside the package (their licenses in LICENSES.md there)."""
+    return Path(__file__).resolve().parent / "data"
 
 
 def default_data_dir() -> Path | None:
@@ -94,23 +105,36 @@ def arithmetic_problems(n: int, seed: int = 0) -> list[Problem]:
     return out
 
 
+def data_file(kind: str) -> tuple[Path, str]:
+    """(file, where) of the 'gsm8k' or 'aqua' problems: FULL_FILES[kind] in $SAGE_DATA
+    when it is set (a missing file is an error then), else in ../shared/data when that
+    holds it (the developers' checkout), else the sample shipped in the package."""
+    name = FULL_FILES[kind]
+    env = os.environ.get("SAGE_DATA")
+    if env:
+        path = Path(env).expanduser() / name
+        if not path.is_file():
+            raise SageError(f"$SAGE_DATA is {env}, which holds no {name}; unset it to use the shipped sample")
+        return path, "$SAGE_DATA"
+    data = default_data_dir()
+    if data is not None and (data / name).is_file():
+        return data / name, "shared/data"
+    return shipped_data_dir() / SHIPPED_FILES[kind], "shipped sample"
+
+
 def problem_set(spec: str | None, n: int, seed: int = 0) -> tuple[str, list[Problem]]:
-    """(label, problems): a JSONL path, or 'gsm8k' / 'aqua' (a fixed seeded sample of
-    ../shared/data), or 'arithmetic' (generated)."""
+    """(label, problems): a JSONL path, or 'gsm8k' / 'aqua' (a fixed seeded sample of the
+    file data_file() finds; the label says which), or 'arithmetic' (generated)."""
     spec = spec or "gsm8k"
     if n < 1:
         raise SageError("a problem set needs at least 1 problem")
     if spec == "arithmetic":
         return f"arithmetic (seed {seed})", arithmetic_problems(n, seed)
     if spec in ("gsm8k", "aqua"):
-        data = default_data_dir()
-        name = "gsm8k_train.jsonl" if spec == "gsm8k" else "aqua_dev.jsonl"
-        if data is None or not (data / name).is_file():
-            raise SageError(f"the {spec} sample needs shared/data/{name} beside the checkout (or $SAGE_DATA); "
-                            "or pass --problems FILE")
-        probs = load_problems(data / name)
+        path, where = data_file(spec)
+        probs = load_problems(path)
         idx = sorted(random.Random(seed).sample(range(len(probs)), min(n, len(probs))))
-        return f"{spec} sample of {len(idx)} (seed {seed})", [probs[i] for i in idx]
+        return f"{spec} sample of {len(idx)} (seed {seed}, {where})", [probs[i] for i in idx]
     path = Path(spec)
     if not path.exists():
         raise SageError(f"no problems file {spec} (or use gsm8k, aqua, arithmetic)")

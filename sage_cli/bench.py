@@ -19,8 +19,8 @@ def bench(
         typer.Option(
             "--problems",
             "-p",
-            help="gsm8k or aqua (a fixed sample of ../shared/data), arithmetic (generated), "
-            "or a GSM8K/AQuA JSONL file.",
+            help="gsm8k or aqua (a seeded sample of the problems shipped with sage, or of "
+            "$SAGE_DATA's full files), arithmetic (generated), or a GSM8K/AQuA JSONL file.",
             show_default=False,
         ),
     ] = None,

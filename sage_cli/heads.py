@@ -39,7 +39,7 @@ def _check_out(out: Path, force: bool) -> None:
 @user_errors
 def train(
     model: ModelOpt = None,
-    n: Annotated[int, typer.Option("--n-problems", "-N", help="Problems: half GSM8K-train (../shared/data), half arithmetic.")] = 64,
+    n: Annotated[int, typer.Option("--n-problems", "-N", help="Problems: half GSM8K-train (the sample shipped with sage, or $SAGE_DATA's), half arithmetic.")] = 64,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the problems held out for evaluation.")] = 0.25,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the problem sample, the token sample and training.")] = 0,
     max_tokens: Annotated[int, typer.Option("--n-predict", "-n", "--max-tokens", help="Most tokens per answer.")] = 160,

@@ -60,7 +60,7 @@ app.command("ask")(ask.ask)
 app.command("explain")(explain.explain)
 app.command("bench")(bench.bench)
 app.command("convert")(convert.convert)
-app.command("models")(models.models)
+app.add_typer(models.app, name="models")
 app.add_typer(heads.app, name="heads")
 app.add_typer(traces.app, name="traces")
 

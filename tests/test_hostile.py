@@ -815,7 +815,7 @@ def test_hub_model_offline_by_env_is_one_quick_line(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("went to the hub"))
     t = time.perf_counter()
     r = CliRunner().invoke(app, ["ask", "hi", "--model", "hf:ORG/REPO/FILE.gguf"])
-    one_line_error(r, "not in the local Hugging Face cache", "hf download ORG/REPO FILE.gguf")
+    one_line_error(r, "is not downloaded", "HF_HUB_OFFLINE is set", "hf download ORG/REPO FILE.gguf")
     assert time.perf_counter() - t < 1.0
 
 

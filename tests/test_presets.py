@@ -25,6 +25,7 @@ def fake_chunks(tmp_path: Path, monkeypatch, data: list[bytes]) -> Preset:
         names.append(pkg.name)
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("SAGE_HOME")  # the platform's cache dir (with SAGE_HOME: test_models.py)
     whole = hashlib.sha256(b"".join(data)).hexdigest()
     return Preset("fake", "a fake chunked model", filename="fake.gguf", chunks=tuple(names), sha256=whole)
 

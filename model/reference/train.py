@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sage.problems import Problem, arithmetic_problems, default_data_dir, load_problems, score
+from sage.problems import Problem, arithmetic_problems, data_file, load_problems, score
 from sage.engine import Engine
 from sage.errors import SageError
 from sage.heads import FEATURES, InverseLayer, MetaHead, SageHeads, fingerprint
@@ -51,19 +51,21 @@ LABELS_VERSION = 2
 
 
 def training_problems(n: int, seed: int, holdout: float) -> tuple[list[tuple[str, Problem]], list[tuple[str, Problem]]]:
-    """(train, held-out): half GSM8K-train problems from ../shared/data (a seeded sample),
+    """(train, held-out): half GSM8K-train problems (a seeded sample of the file
+    sage.problems.data_file finds: $SAGE_DATA, ../shared/data or the shipped sample),
     half generated arithmetic problems, split by a seeded shuffle; each item is
     (source, problem)."""
     if n < 4:
         raise SageError("training needs at least 4 problems (some to train on, some held out)")
     if not 0.0 < holdout < 1.0:
         raise SageError("the held-out share must be between 0 and 1")
-    data = default_data_dir()
-    if data is None or not (data / "gsm8k_train.jsonl").is_file():
-        raise SageError("training needs shared/data/gsm8k_train.jsonl beside the checkout (or $SAGE_DATA)")
-    gsm = load_problems(data / "gsm8k_train.jsonl")
+    path, where = data_file("gsm8k")
+    gsm = load_problems(path)
     rng = random.Random(seed)
     n_gsm = n // 2
+    if n_gsm > len(gsm):
+        raise SageError(f"{n} problems need {n_gsm} GSM8K problems, and {path} ({where}) holds {len(gsm)}; "
+                        "ask for fewer, or set $SAGE_DATA to a folder with the full gsm8k_train.jsonl")
     # a seed of its own for the sample, far from the bench's default sample (seed 0)
     picks = rng.sample(range(len(gsm)), n_gsm)
     items = [("gsm8k", gsm[i]) for i in picks]

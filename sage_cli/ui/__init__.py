@@ -198,22 +198,69 @@ class BenchView:
             self.out.print(Text(f"saved to {saved}", style="dim"))
 
 
-def models_table(rows: Iterable[tuple[str, str, str, str | None, bool]]) -> Table:
-    """rows: (name, description, source, where it is on this machine or None, is default)."""
-    table = Table(title="Models", title_style="title", show_edge=False, expand=True)
-    table.add_column("name", no_wrap=True)
-    table.add_column("model", ratio=1)
-    table.add_column("on this machine", ratio=2, overflow="fold")
+def _home_short(where: str) -> str:
+    """A path under the home directory as ~/..., to save width."""
+    home = str(Path.home())
+    return "~" + where[len(home):] if home not in ("", "/") and where.startswith(home + "/") else where
+
+
+WIDE_MODELS = 120  # columns from which `sage models` gives the description its own column
+
+
+def _short_source(source: str) -> str:
+    """hf:ORG/REPO/FILE.gguf -> "hub ORG/REPO" (the file name is the repo's; --json has all)."""
+    if source.startswith("hf:"):
+        return "hub " + "/".join(source[3:].split("/")[:2])
+    return source
+
+
+def models_table(rows: Iterable[tuple[str, str, str, str | None, bool]], width: int | None = None) -> Table:
+    """rows: (name, description, source, where it is on this machine or None, is default).
+    A name is never cut or wrapped; narrower than WIDE_MODELS columns the description and
+    the place share one column, on two lines."""
+    rows = list(rows)
+    wide = width is None or width >= WIDE_MODELS
+    hub = any(not where and source.startswith("hf:") for _, _, source, where, _ in rows)
+    table = Table(title="Models", title_style="title", show_edge=False, expand=True,
+                  caption="sage models pull NAME downloads a hub model" if hub else None, caption_style="dim")
+    table.add_column("name", no_wrap=True, min_width=max((len(r[0]) for r in rows), default=4))
+    if wide:
+        table.add_column("model", no_wrap=True)
+        table.add_column("on this machine", ratio=1, overflow="fold")
+    else:
+        table.add_column("model · on this machine", ratio=1, overflow="fold")
     for name, desc, source, where, default in rows:
-        label = Text(name, style="bold") + (Text(" (default)", style="dim") if default else Text(""))
+        label = Text(untrusted(name), style="bold")
+        if default:
+            label.append("\n(default)" if not wide else " (default)", style="dim")
         if where:
-            place = Text(where, style="green")
+            place = Text(untrusted(_home_short(where)), style="green")
         else:
-            place = Text(f"not downloaded ({source})", style="dim")
-        table.add_row(label, desc, place)
+            place = Text(untrusted(f"not downloaded ({_short_source(source)})"), style="dim")
+        if wide:
+            table.add_row(label, Text(untrusted(desc)), place)
+        else:
+            table.add_row(label, Text(untrusted(desc)) + Text("\n") + place)
     return table
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def pulled(p, out: Console = console) -> None:
+    """What `sage models pull` did (a sage.presets.Pulled)."""
+    where = Text(untrusted(str(p.path)), style="green")
+    size = _size(p.size)
+    what = {
+        "downloaded": f"{p.name}: downloaded ({size}) to ",
+        "present": f"{p.name}: already downloaded ({size}; --force downloads it again): ",
+        "embedded": f"{p.name}: ships in the {p.source}, no download needed ({size}): ",
+        "assembled": f"{p.name}: ships in the {p.source}, no download needed; joined ({size}) into ",
+    }[p.status]
+    out.print(Text(untrusted(what)) + where, soft_wrap=True)
 
 
 from sage.cli.ui.ask import AskView  # noqa: E402  (it uses the helpers above)
 
-__all__ = ["AskView", "BenchView", "console", "err_console", "error", "legend", "live_proposal", "models_table", "tint"]
+__all__ = ["AskView", "BenchView", "console", "err_console", "error", "legend", "live_proposal", "models_table", "pulled", "tint"]
