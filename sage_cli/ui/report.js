@@ -48,35 +48,39 @@
     if (text !== undefined) e.textContent = text;
     return e;
   }
+  function barCell(share) {
+    var cell = el("td");
+    var bar = el("span", "bar");
+    bar.style.width = Math.max(1, Math.round(80 * share)) + "px";
+    cell.appendChild(bar);
+    return cell;
+  }
   function fill(word) {
     var data;
     try { data = JSON.parse(word.getAttribute("data-tip")); } catch (e) { return false; }
     while (tip.firstChild) tip.removeChild(tip.firstChild);
     var table = el("table");
-    data.forEach(function (tok) {
-      if (data.length > 1 || !tok[2].length) {
-        var head = el("tr");
-        head.appendChild(el("th", "tok", tok[0]));
-        head.appendChild(el("th", "p", "p " + tok[1]));
-        head.appendChild(el("th"));
-        table.appendChild(head);
-      }
+    data.forEach(function (tok, i) {
+      /* the token the model wrote, then the other likely ones at that place */
+      var head = el("tr", "chosen" + (i ? " next" : ""));
+      head.appendChild(el("td", "tok", tok[0]));
+      head.appendChild(el("td", "p", tok[1]));
+      var own = tok[2].filter(function (alt) { return alt[3]; })[0];
+      head.appendChild(barCell(own ? own[2] : Number(tok[1]) || 0));
+      table.appendChild(head);
       tok[2].forEach(function (alt) {
-        var row = el("tr", alt[3] ? "chosen" : "");
+        if (alt[3]) return;
+        var row = el("tr");
         row.appendChild(el("td", "tok", alt[0]));
         row.appendChild(el("td", "p", alt[1]));
-        var cell = el("td");
-        var bar = el("span", "bar");
-        bar.style.width = Math.round(80 * alt[2]) + "px";
-        cell.appendChild(bar);
-        row.appendChild(cell);
+        row.appendChild(barCell(alt[2]));
         table.appendChild(row);
       });
     });
     tip.appendChild(table);
     tip.appendChild(el("div", "note", data.length > 1
-      ? "the word's tokens, each with the model's most likely choices"
-      : "the model's most likely choices here (bold: the one it wrote)"));
+      ? "bold: the word's tokens as the model wrote them; under each, what else it found likely there"
+      : "bold: the token the model wrote; under it, what else it found likely there"));
     return true;
   }
   function place(word) {
