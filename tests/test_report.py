@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import html
+import json
+import math
 import os
 import re
 import shutil
@@ -23,7 +25,7 @@ from sage.cli.ui.ask import shown_decisions
 from sage.cli.ui.report import PALETTE, TINT_CLASS, chain_words, render_html
 from sage.inverse.outcomes import make_outcome
 from sage.trace import Alternative, Outcomes, TokenRecord, save_trace
-from test_explain import STEPS, make_trace, run
+from test_explain import make_trace, run
 
 WORD_PROBS = {" times": 0.62, " cost": 0.35, " answer": 0.12}  # the rest: 0.95
 
@@ -45,7 +47,7 @@ def report_trace(outcomes: bool = True):
         prob = WORD_PROBS.get(p, 0.95)
         alts = [Alternative(i, p, prob), Alternative(1000 + i, p.upper() if p.strip() else "\t", (1 - prob) * 0.7),
                 Alternative(2000 + i, " so", (1 - prob) * 0.2)]
-        t.tokens.append(TokenRecord(i, p, __import__("math").log(prob), 0.5, 0.1, alts))
+        t.tokens.append(TokenRecord(i, p, math.log(prob), 0.5, 0.1, alts))
         starts.append(pos)
         pos += len(p)
     starts.append(pos)
@@ -149,8 +151,6 @@ def test_one_span_per_word_with_its_alternatives():
     by_text = {trace.text[c0:c1]: (a, toks) for (c0, c1, toks), a in zip(words, spans)}
     a, toks = by_text["times"]
     assert TINT_CLASS["tok.mild"] in a["class"].split() and "dec" in a["class"].split()  # p 0.62, the fork
-    import json
-
     tip = json.loads(a["data-tip"])
     assert tip[0][0] == "' times'" and tip[0][1] == "0.62"
     assert ["' TIMES'", "0.27", 0.266, False] in tip[0][2]
@@ -199,9 +199,7 @@ def test_a_fork_section_per_shown_decision_in_chain_order():
 
 def test_unmeasured_proposals():
     trace = report_trace(outcomes=False)
-    for b in trace.analysis.decisions[0].branches:
-        b.answer = None
-        trace.analysis.decisions[0].branches = []
+    trace.analysis.decisions[0].branches = []  # proposed, never rolled out
     page = Page(render_html(trace))
     assert "Possible decision points" in page.plain
     assert "' times' p 0.62 · alternatives ' plus' 0.21 · ' x' 0.09 · ' and' 0.05 (not measured)" in page.plain

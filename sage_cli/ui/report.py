@@ -32,7 +32,7 @@ from sage.cli.ui.ask import (
     token_starts,
     word_span,
 )
-from sage.cli.ui.outcome import FEW, TRUST, answer_value, confidence_words, trust
+from sage.cli.ui.outcome import TRUST, answer_value, confidence_words, trust
 from sage.cli.ui.safe import token_label, untrusted
 from sage.cli.ui.tree import shorten
 
@@ -390,10 +390,10 @@ def _plot(trace, shown: list) -> str:
 
 def _outcome_section(trace, shown: list) -> str:
     an = trace.analysis
-    head = ('<section class="card plot" id="outcome"><h2>Where the chain\'s answer was decided'
-            '<small>samples continued from each point</small></h2>')
     if an is None:
         return ""
+    head = ('<section class="card plot" id="outcome"><h2>Where the chain\'s answer was decided'
+            '<small>samples continued from each point</small></h2>')
     oc = an.outcomes
     if oc is None:
         return (head + '<p class="muted">not sampled: this trace was made with --budget 0 (or without sampling), '
