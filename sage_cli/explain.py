@@ -1,4 +1,4 @@
-"""`sage explain --tree [TRACE]`: a saved trace as a tree, optionally exported to SVG/HTML.
+"""`sage explain --tree [TRACE]`: a saved trace as a tree, optionally exported (SVG, HTML report).
 
 Reads the trace file only: no model is loaded and nothing heavy is imported, unless
 --exact asks for exact eq. 7 on the trace's model (torch).
@@ -80,7 +80,7 @@ def explain(
         Optional[Path], typer.Option("--svg", metavar="FILE", help="Also write the tree as SVG.", show_default=False)
     ] = None,
     html: Annotated[
-        Optional[Path], typer.Option("--html", metavar="FILE", help="Also write the tree as HTML.", show_default=False)
+        Optional[Path], typer.Option("--html", metavar="FILE", help="Also write a self-contained HTML report (opens in any browser, no network).", show_default=False)
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing export files.")] = False,
     json_out: JsonOpt = False,
@@ -100,7 +100,8 @@ def explain(
     Reads TRACE, by default last.json of the latest `sage ask` ($SAGE_HOME overrides).
 
     No model is loaded, except with --exact: it recomputes the significance with true
-    gradients on the trace's model file. --svg and --html also write the tree to a file.
+    gradients on the trace's model file. --svg also writes the tree to a file; --html writes a
+    self-contained report page (the chain, its forks, the outcome plot) that opens in any browser.
 
     --json prints the trace itself (with --exact, the exact report under "exact_report").
 

@@ -307,11 +307,14 @@ def exported(fmt: str, path, out: Console | None = None) -> None:
 
 
 def export_tree(trace, fmt: str, width: int = EXPORT_WIDTH) -> str:
-    """The tree as a standalone document: `fmt` is "svg" or "html"."""
-    rec = Console(theme=THEME, record=True, width=width, file=io.StringIO(), highlight=False)
-    show_tree(trace, rec)
-    if fmt == "svg":
-        return rec.export_svg(title=untrusted(f"sage explain · {trace.model.name}", multiline=False))
+    """The trace as a standalone document: "svg" (the tree as the terminal shows it) or
+    "html" (the report page of ui/report.py)."""
     if fmt == "html":
-        return rec.export_html()
+        from sage.cli.ui.report import render_html
+
+        return render_html(trace)
+    if fmt == "svg":
+        rec = Console(theme=THEME, record=True, width=width, file=io.StringIO(), highlight=False)
+        show_tree(trace, rec)
+        return rec.export_svg(title=untrusted(f"sage explain · {trace.model.name}", multiline=False))
     raise ValueError(f"unknown export format {fmt!r}")
