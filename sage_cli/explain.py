@@ -70,7 +70,10 @@ def explain(
     trace: Annotated[
         Optional[Path],
         typer.Argument(
-            metavar="TRACE", help="A trace file. Default: last.json in the user data dir.", show_default=False
+            metavar="TRACE",
+            help="A trace file, or a saved run by its number, name or 'last' (sage traces lists them). "
+            "Default: the latest run.",
+            show_default=False,
         ),
     ] = None,
     tree: Annotated[
@@ -111,6 +114,10 @@ def explain(
     from sage.cli.ui.tree import exact_status, export_tree, exported, show_exact, show_tree
 
     del tree  # the tree is the only view; the flag is accepted as users type it
+    if trace is not None and not trace.exists() and len(trace.parts) == 1:
+        from sage.cli.traces import find_trace
+
+        trace = find_trace(str(trace))  # a saved run: "2", "last", a name or its prefix
     loaded = explain_trace(trace).trace
     exports = [(p, fmt) for p, fmt in ((svg, "svg"), (html, "html")) if p is not None]
     if svg is not None and html is not None and svg.resolve() == html.resolve():

@@ -363,3 +363,16 @@ def test_explain_json_and_traces(tmp_path):
     assert len(list((home / "traces").glob("*.json"))) == 1
     assert run("traces", "rm", "--all", "--yes").exit_code == 0
     assert not list((home / "traces").glob("*.json"))
+
+
+def test_how_to_read_is_in_the_readme_and_in_explain_help():
+    from sage.cli.explain import HOW_TO_READ
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert "### How to read sage's output" in readme
+    bullets = [" ".join(b.split()) for b in HOW_TO_READ.split("\n\n")[1:] if b.strip()]
+    assert len(bullets) >= 5
+    for b in bullets:  # the README says what the help says, word for word
+        assert b in readme, b[:60]
+    r = run("explain", "--help")
+    assert r.exit_code == 0 and "How to read sage's output" in r.stdout and "trust" in r.stdout

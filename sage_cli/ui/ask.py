@@ -19,7 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from sage.cli.ui import bar, console, err_console, legend, tint
-from sage.cli.ui.outcome import answer_value, confidence_words, dist_text, scale_line, trust
+from sage.cli.ui.outcome import (OPEN_QUESTION, answer_value, confidence_words, dist_text, is_open, no_answer_reason,
+                                 scale_line, trust)
 from sage.cli.ui.safe import text as safe_text, token_label, untrusted
 
 CIRCLED = "①②③④⑤⑥⑦⑧⑨⑩"  # decision markers: cannot be read as a number or an option letter
@@ -451,21 +452,13 @@ class AskView:
         oc = an.outcomes if an else None
         border = "yellow"
         note = getattr(a, "note", None) if a is not None else None
-        if a is not None and a.expected == "open":
+        if is_open(trace):
             body = Text("No short answer to check", style="bold")
             body.append("\n")
-            body.append("the question asks for an explanation, not a number or an option letter: sage cannot "
-                        "count how often the model reaches it, so it cannot say how far to trust it. The tint "
-                        "shows where the model was unsure of its words.", style="dim")
+            body.append(OPEN_QUESTION, style="dim")
             border = "blue"
         elif a is None or a.value is None:
-            n_tok = len(trace.tokens)
-            why = note or {
-                "length": f"the chain was cut off at {n_tok} tokens (-n/--max-tokens) before it stated an answer"
-                          + ("; the samples stop at the same limit" if oc is not None else ""),
-                "context": "the chain filled the context (--ctx-size) before it stated an answer",
-                "interrupted": "the chain was interrupted before it stated an answer",
-            }.get(trace.finish_reason, "no final answer found in the output")
+            why = no_answer_reason(trace)
             body = Text("No answer: " + untrusted(why, False), style="warn")
         else:
             body = Text.assemble(("Answer ", "bold"), (untrusted(a.value, False), "bold"))

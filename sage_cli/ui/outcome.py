@@ -72,3 +72,29 @@ def confidence_words(share: float, k: int, n: int, lo: float, hi: float, word: b
     if n < FEW:
         t.append(f"; only {n} samples, so the share is rough", style="dim")
     return t
+
+
+OPEN_QUESTION = ("the question asks for an explanation, not a number or an option letter: sage cannot count how "
+                 "often the model reaches it, so it cannot say how far to trust it. The tint shows where the model "
+                 "was unsure of its words.")
+
+
+def is_open(trace) -> bool:
+    """A question without a short answer (`sage.steps.problem_kind` "open")."""
+    return trace.answer is not None and getattr(trace.answer, "expected", "number") == "open"
+
+
+def no_answer_reason(trace) -> str:
+    """Why a chain has no answer, in words (the answer's own note first)."""
+    a = trace.answer
+    note = getattr(a, "note", None) if a is not None else None
+    if note:
+        return note
+    an = trace.analysis
+    sampled = an is not None and an.outcomes is not None
+    return {
+        "length": f"the chain was cut off at {len(trace.tokens)} tokens (-n/--max-tokens) before it stated an answer"
+                  + ("; the samples stop at the same limit" if sampled else ""),
+        "context": "the chain filled the context (--ctx-size) before it stated an answer",
+        "interrupted": "the chain was interrupted before it stated an answer",
+    }.get(trace.finish_reason, "no final answer found in the output")

@@ -32,7 +32,7 @@ from sage.cli.ui.ask import (
     token_starts,
     word_span,
 )
-from sage.cli.ui.outcome import TRUST, answer_value, confidence_words, trust
+from sage.cli.ui.outcome import OPEN_QUESTION, TRUST, answer_value, confidence_words, is_open, no_answer_reason, trust
 from sage.cli.ui.safe import token_label, untrusted
 from sage.cli.ui.tree import shorten
 
@@ -395,6 +395,10 @@ def _outcome_section(trace, shown: list) -> str:
     head = ('<section class="card plot" id="outcome"><h2>Where the chain\'s answer was decided'
             '<small>samples continued from each point</small></h2>')
     oc = an.outcomes
+    if oc is None and is_open(trace):
+        return (head + '<p class="muted">not sampled: an open question has no short answer (a number or an option '
+                "letter) to compare across samples, so there is no outcome curve; the decision points below are "
+                "proposals.</p></section>")
     if oc is None:
         return (head + '<p class="muted">not sampled: this trace was made with --budget 0 (or without sampling), '
                 "so there is no outcome curve; the decision points below are proposals.</p></section>")
@@ -504,8 +508,10 @@ def _forks_section(trace, shown: list) -> str:
         if not shown:
             out.append(f'<p class="muted">none found: {esc(AskView.no_forks_reason(an))}</p>')
     else:
+        why = ("an open question has no short answer to compare across samples" if is_open(trace)
+               else "--budget 0 or no sampling")
         out = ['<section class="card" id="forks"><h2>Possible decision points<small>proposed from attention and '
-               "uncertainty, not measured (--budget 0 or no sampling): a guess, not evidence</small></h2>"]
+               f"uncertainty, not measured ({why}): a guess, not evidence</small></h2>"]
         if not shown:
             out.append('<p class="muted">none proposed</p>')
     out += [_fork(trace, d, i + 1) for i, d in enumerate(shown)]
@@ -528,9 +534,12 @@ def _answer(trace) -> str:
     oc = an.outcomes if an is not None else None
     start = oc.start if oc is not None and oc.start is not None and oc.start.n > 0 else None
     note = getattr(a, "note", None) if a is not None else None
-    if a is None or a.value is None:
-        why = note or ("the chain was cut off (--max-tokens) before it stated an answer"
-                       if trace.finish_reason == "length" else "no final answer found in the output")
+    if is_open(trace):
+        main = (f'<div><div class="noanswer">No short answer to check</div>'
+                f'<p class="muted">{esc(OPEN_QUESTION, False)}</p></div>')
+        about = ""
+    elif a is None or a.value is None:
+        why = no_answer_reason(trace)
         main = f'<div><div class="noanswer">No answer</div><p class="muted">{esc(why, False)}</p></div>'
         about = ""
     elif start is not None:

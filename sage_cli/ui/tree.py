@@ -17,7 +17,7 @@ from rich.theme import Theme
 from rich.tree import Tree
 
 from sage.cli.ui import THEME, bar, console, tint
-from sage.cli.ui.outcome import confidence_words, dist_text, trust
+from sage.cli.ui.outcome import OPEN_QUESTION, confidence_words, dist_text, is_open, no_answer_reason, trust
 from sage.cli.ui.safe import text as safe_text, token_label, untrusted
 
 # styles this view needs beyond ui.THEME; pushed on top of it while printing
@@ -147,13 +147,10 @@ def _add_decision(parent: Tree, d) -> None:
 
 def _answer_label(trace) -> Text:
     a = trace.answer
-    if a is not None and a.expected == "open":
-        return Text("no short answer to check: the question asks for an explanation, not a number or an option",
-                    style="dim")
+    if is_open(trace):
+        return Text("no short answer to check: " + OPEN_QUESTION, style="dim")
     if a is None or a.value is None:
-        cut = trace.finish_reason in ("length", "context", "interrupted")
-        return Text("no answer: " + ("the chain was cut off before it stated one" if cut
-                                     else "no final answer found in the output"), style="warn")
+        return Text("no answer: " + untrusted(no_answer_reason(trace), False), style="warn")
     t = Text.assemble(("Answer ", "bold"), (untrusted(a.value, False), "answer"))
     if a.note:
         t.append("\nnote: " + untrusted(a.note, False), style="warn")
