@@ -42,7 +42,7 @@ def bench(
         typer.Option("--heads", help="SAGE heads sidecar for (2)-(4); default: the one `sage ask` uses; "
                      "'none' for the analytic heads.", show_default=False),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the problem sample.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", "-s", help="Seed of the problem sample.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure what inverse reasoning costs against plain generation on the same model.

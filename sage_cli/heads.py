@@ -41,7 +41,7 @@ def train(
     model: ModelOpt = None,
     n: Annotated[int, typer.Option("--n-problems", "-N", help="Problems: half GSM8K-train (the sample shipped with sage, or $SAGE_DATA's), half arithmetic.")] = 64,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the problems held out for evaluation.")] = 0.25,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the problem sample, the token sample and training.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", "-s", help="Seed of the problem sample, the token sample and training.")] = 0,
     max_tokens: Annotated[int, typer.Option("--n-predict", "-n", "--max-tokens", help="Most tokens per answer.")] = 160,
     sample: Annotated[
         int, typer.Option("--sample", help="Random candidate tokens rolled out per chain, beside the analytic decisions.")

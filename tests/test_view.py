@@ -85,3 +85,20 @@ def test_the_answer_is_coloured_by_its_trust(values, word, style):
     assert word in body.plain
     value_at = body.plain.index("12")
     assert any(sp.start <= value_at < sp.end and sp.style == style for sp in body.spans)
+
+
+def test_the_streamed_chain_wraps_between_words_in_a_terminal():
+    buf = io.StringIO()
+    con = Console(file=buf, theme=THEME, width=24, force_terminal=True, color_system=None)
+    view = AskView(con, Console(file=io.StringIO()))
+    words = ["Finally", ",", " find", " the", " number", " of", " eggs", " that", " are", " left", " with", " 7",
+             " eggs", ".\n", "The", " answer", " is", " 1", ",", "2", "00", "."]
+    for w in words:
+        view.token(w, 0.9)
+    view.end_chain()
+    lines = buf.getvalue().split("\n")
+    assert all(len(line) <= 24 for line in lines), lines
+    # every word is whole on one line (the terminal would have cut "eggs" at the edge)
+    for w in ("Finally,", "number", "eggs", "answer", "1,200."):
+        assert any(w in line for line in lines), (w, lines)
+    assert lines[0] == "Finally, find the number"

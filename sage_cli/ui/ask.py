@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from rich.cells import cell_len
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -119,6 +120,7 @@ class AskView:
         self.err = err
         self.verbose = verbose
         self._word: list[tuple[str, float, bool]] = []  # the tokens of the word being streamed
+        self._col = 0  # the terminal column the streamed chain has reached
 
     # --- streaming ---------------------------------------------------------------
 
@@ -147,8 +149,20 @@ class AskView:
             style += " underline"
         self._word = []
         lead = len(word) - len(word.lstrip())
-        # soft_wrap: the terminal wraps; Rich does not know the column mid-line
-        self.out.print(safe_text(word[:lead]) + safe_text(word[lead:], style=style), end="", soft_wrap=True)
+        space, core = untrusted(word[:lead]), untrusted(word[lead:])
+        if self.out.is_terminal:
+            # wrap between words, as the terminal would not: a word never breaks at the edge
+            width = self.out.width
+            if "\n" in space:
+                self._col = cell_len(space.rsplit("\n", 1)[1])
+            if self._col and self._col + cell_len(space) + cell_len(core) > width and cell_len(core) < width:
+                space = "\n"
+                self._col = 0
+            elif "\n" not in space:
+                self._col += cell_len(space)
+            self._col = cell_len(core.rsplit("\n", 1)[1]) if "\n" in core else self._col + cell_len(core)
+        # soft_wrap: Rich prints the text as it is (the column is tracked above)
+        self.out.print(Text(space) + Text(core, style=style), end="", soft_wrap=True)
         self.out.file.flush()
 
     def end_chain(self) -> None:
@@ -323,6 +337,11 @@ class AskView:
                     f"({oc.budget} tokens)")
         return "no step moved the answer clearly: the reasoning did not fork where sage could see it"
 
+    def label(self, text: str) -> str:
+        """A token in a line that wraps: without its leading space in the compact view (a
+        wrapped line must not break a label at it), exactly as written with -v."""
+        return token_label(text if self.verbose else (text.strip() or text))
+
     def fork_block(self, trace, d) -> Table:
         head = Table.grid(padding=(0, 1))
         head.add_column(no_wrap=True)
@@ -331,13 +350,13 @@ class AskView:
                      self.context(trace, d.token_index, marker(d.rank)))
         sampled = d.outcome is not None
         if not sampled and not any(b.outcome is not None or b.answer is not None for b in d.branches):
-            line = Text("   " + token_label(d.text), style="bold")
+            line = Text("   " + self.label(d.text), style="bold")
             line.append(f" p {d.prob:.2f}", style=tint(d.prob))
             line.append(" · alternatives ", style="dim")
             for i, alt in enumerate(d.alternatives[:3]):
                 if i:
                     line.append(" · ", style="dim")
-                line.append(token_label(alt.text))
+                line.append(self.label(alt.text))
                 line.append(f" {alt.prob:.2f}", style=tint(alt.prob))
             line.append(" (not measured)", style="dim")
             g = Table.grid()
