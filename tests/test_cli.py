@@ -315,6 +315,7 @@ def test_flags_match_llama_cpp_and_each_other():
         h = run(*cmd, "--help").stdout
         assert "<bool>" not in h, cmd
         assert "-n" in h and "--n-predict" in h, cmd
+        assert "-s" in h and "--seed" in h, cmd
     assert "--n-problems" in run("bench", "--help").stdout and "--n-problems" in run("heads", "train", "--help").stdout
     assert "--install-completion" in run("--help").stdout
 
