@@ -221,6 +221,9 @@ def test_plot_has_a_point_per_sampled_position():
     assert page.find("rect", "band") and "moved" in page.plain  # the answer moved over step 2
     assert page.find("rect", "forkbar")  # the fork's score at its step
     assert "from the problem: 6 of 8 samples reach 12 (75%; 90 % interval 46%–91%)" in page.plain
+    # the line is dashed where it crosses the unsampled step 1, solid between steps 2 and 3
+    curves = [c["class"] for c in page.find("polyline")]
+    assert curves == ["curve gap", "curve"]
 
 
 @pytest.mark.parametrize("case", ["no analysis", "no outcomes", "no steps", "no answer", "interrupted", "empty"])

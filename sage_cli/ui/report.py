@@ -369,7 +369,7 @@ def _plot(trace, shown: list) -> str:
         share = k / o.n
         lo, hi = _wilson(k, o.n)
         cx = x(i)
-        line.append(f"{cx:.1f},{y(share):.1f}")
+        line.append((i, f"{cx:.1f},{y(share):.1f}"))
         word = TRUST_CLASS[trust(share)[2]]
         tip = (f"from {label}: {k} of {o.n} samples reach {answer_value(value)} "
                f"({share:.0%}; 90 % interval {lo:.0%}–{hi:.0%})")
@@ -381,8 +381,10 @@ def _plot(trace, shown: list) -> str:
         if n <= 16:  # beside the point, below it near the top (the band's label is above)
             ly = y(share) + (17 if share > 0.9 else -7)
             dots.append(f'<text class="ptlabel" x="{cx + 7:.1f}" y="{ly:.1f}">{share:.0%}</text>')
-    if len(line) > 1:
-        svg.append(f'<polyline class="curve" points="{" ".join(line)}"/>')
+    # solid between neighbouring points; dashed across points that were not sampled (the
+    # line there is no measurement)
+    for (i, a), (j, b) in zip(line, line[1:]):
+        svg.append(f'<polyline class="curve{" gap" if j > i + 1 else ""}" points="{a} {b}"/>')
     svg += dots
     svg.append("</svg>")
     return "".join(svg)
