@@ -47,7 +47,8 @@ def find_trace(name: str) -> Path:
     if name.isdigit() and len(name) <= 6:
         i = int(name)
         if not 1 <= i <= len(files):
-            raise SageError(f"there are {len(files)} saved traces; {name} is not one of their numbers")
+            have = "there is 1 saved trace" if len(files) == 1 else f"there are {len(files)} saved traces"
+            raise SageError(f"{have}; {name} is not one of their numbers (1 is the newest)")
         return files[i - 1]
     stem = name[:-5] if name.endswith(".json") else name
     exact = [p for p in files if p.stem == stem]
