@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sage.cli.options import JsonOpt, ModelOpt, user_errors
+from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, user_errors
 from sage.paths import sage_home
 
 
@@ -28,7 +28,7 @@ def bench(
     reps: Annotated[
         int, typer.Option("--reps", help="Repetitions of every configuration (2 or more give a min and max).")
     ] = 2,
-    max_tokens: Annotated[int, typer.Option("--n-predict", "-n", "--max-tokens", help="Most tokens per answer.")] = 160,
+    max_tokens: MaxTokensOpt = 160,
     mem: Annotated[bool, typer.Option("--mem", help="Also measure memory: each configuration in its own process.")] = False,
     accuracy: Annotated[
         bool, typer.Option("--accuracy", help="Score greedy vs the samples' vote (only configurations 1 and 4 run).")

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from sage.errors import SageError
-from sage.cli.options import JsonOpt, ModelOpt, user_errors
+from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, user_errors
 from sage.paths import heads_dir
 
 app = typer.Typer(
@@ -42,7 +42,7 @@ def train(
     n: Annotated[int, typer.Option("--n-problems", "-N", help="Problems: half GSM8K-train (the sample shipped with sage, or $SAGE_DATA's), half arithmetic.")] = 64,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the problems held out for evaluation.")] = 0.25,
     seed: Annotated[int, typer.Option("--seed", "-s", help="Seed of the problem sample, the token sample and training.")] = 0,
-    max_tokens: Annotated[int, typer.Option("--n-predict", "-n", "--max-tokens", help="Most tokens per answer.")] = 160,
+    max_tokens: MaxTokensOpt = 160,
     sample: Annotated[
         int, typer.Option("--sample", help="Random candidate tokens rolled out per chain, beside the analytic decisions.")
     ] = 4,

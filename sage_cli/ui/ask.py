@@ -470,7 +470,7 @@ class AskView:
         an = trace.analysis
         oc = an.outcomes if an else None
         border = "yellow"
-        note = getattr(a, "note", None) if a is not None else None
+        note = a.note if a is not None else None
         if is_open(trace):
             body = Text("No short answer to check", style="bold")
             body.append("\n")

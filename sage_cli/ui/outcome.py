@@ -81,13 +81,13 @@ OPEN_QUESTION = ("the question asks for an explanation, not a number or an optio
 
 def is_open(trace) -> bool:
     """A question without a short answer (`sage.steps.problem_kind` "open")."""
-    return trace.answer is not None and getattr(trace.answer, "expected", "number") == "open"
+    return trace.answer is not None and trace.answer.expected == "open"
 
 
 def no_answer_reason(trace) -> str:
     """Why a chain has no answer, in words (the answer's own note first)."""
     a = trace.answer
-    note = getattr(a, "note", None) if a is not None else None
+    note = a.note if a is not None else None
     if note:
         return note
     an = trace.analysis

@@ -535,7 +535,7 @@ def _answer(trace) -> str:
     an = trace.analysis
     oc = an.outcomes if an is not None else None
     start = oc.start if oc is not None and oc.start is not None and oc.start.n > 0 else None
-    note = getattr(a, "note", None) if a is not None else None
+    note = a.note if a is not None else None
     if is_open(trace):
         main = (f'<div><div class="noanswer">No short answer to check</div>'
                 f'<p class="muted">{esc(OPEN_QUESTION, False)}</p></div>')
