@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -342,6 +342,66 @@ def run_in_subprocess(config: str, s: BenchSettings, problems: list[Problem], wa
     return Run(**result)
 
 
+# --- the machine and the tracker --------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, macOS sysctl), else what platform knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                 timeout=5)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> dict:
+    """What a bench ran on: the CPU, its cores, the threads sage uses, and the instruction
+    sets llama.cpp's CPU kernels were built with here (it builds with the host's native
+    flags, so the same model runs different kernels, at different costs, on another CPU)."""
+    import re
+
+    import llama_cpp
+
+    from sage.engine import default_threads
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count() or 1,
+        "threads": default_threads(),
+        "kernels": re.findall(r"([A-Z][A-Z0-9_]*) = 1\b", info),
+    }
+
+
+def tracker_kind() -> str:
+    """"native" where the C tracker (kernels/tracker.c) is built and loads, else "python"."""
+    from sage.kernels.tracker import load_native
+
+    return "native" if load_native() is not None else "python"
+
+
+def tracking_ratio(table: dict) -> float | None:
+    """(2)'s median decode tokens/s over (1)'s: what attention tracking leaves of the speed."""
+    try:
+        fwd = table["forward"]["tokens_per_s"]["median"]
+        return table["track"]["tokens_per_s"]["median"] / fwd if fwd > 0 else None
+    except KeyError:
+        return None
+
+
 # --- decoding many sequences at once ---------------------------------------------------------
 
 SEQUENCES = (1, 4, 8, 16, 32)
@@ -420,6 +480,52 @@ def summarize(runs: dict[str, list[Run]], problems: list[Problem], mem: bool) ->
     return table
 
 
+def _add(acc: Run, r: Run) -> None:
+    """Fold one problem's run into a configuration's run over the set."""
+    acc.tokens += r.tokens
+    acc.gen_s += r.gen_s
+    acc.total_s += r.total_s
+    acc.rollout_tokens += r.rollout_tokens
+    acc.answers += r.answers
+    acc.votes += r.votes
+    acc.spent += r.spent
+
+
+def _open_runner(s: BenchSettings, configs: tuple[str, ...], threads: int | None) -> Runner:
+    """A worker's models (sage.workers calls it once per worker)."""
+    return Runner(replace(s, threads=threads or s.threads), configs)
+
+
+def _bench_task(runner: Runner, task: tuple) -> dict[str, Run]:
+    configs, p = task
+    return {c: runner.run(c, [p]) for c in configs}
+
+
+def run_over_workers(s: BenchSettings, problems: list[Problem], configs: tuple[str, ...], workers: int,
+                     on_step: Callable[[Step], None] | None = None) -> dict[str, list[Run]]:
+    """Every configuration once over the problems, the problems shared out over worker
+    processes (sage.workers), one set of models in each: for --accuracy, whose answers do
+    not depend on timing. No warm-up; on_step gets each problem's configurations as they
+    finish."""
+    from sage.workers import run_tasks
+
+    n = len(problems)
+    if on_step:
+        on_step(Step("", 0, 0, 0, n, "load"))
+    parts: dict[int, dict[str, Run]] = {}
+    tasks = [(configs, p) for p in problems]
+    for i, res in run_tasks(_open_runner, (s, configs), _bench_task, tasks, workers=workers, threads=s.threads):
+        parts[i] = res
+        for c in configs:
+            if on_step:
+                on_step(Step(c, 1, 1, len(parts), n, "problem", True))
+    runs = {c: Run(c) for c in configs}
+    for i in range(n):  # in the problems' order, whatever order they finished in
+        for c in configs:
+            _add(runs[c], parts[i][c])
+    return {c: [runs[c]] for c in configs}
+
+
 def run_bench(
     s: BenchSettings,
     problems: list[Problem],
@@ -461,15 +567,7 @@ def run_bench(
             for i, p in enumerate(problems, 1):  # interleaved problem by problem
                 for c in configs:
                     step(c, rep, i, "problem")
-                    r = runner.run(c, [p])
-                    acc = parts[c]
-                    acc.tokens += r.tokens
-                    acc.gen_s += r.gen_s
-                    acc.total_s += r.total_s
-                    acc.rollout_tokens += r.rollout_tokens
-                    acc.answers += r.answers
-                    acc.votes += r.votes
-                    acc.spent += r.spent
+                    _add(parts[c], runner.run(c, [p]))
                     step(c, rep, i, "problem", True)
             for c in configs:
                 runs[c].append(parts[c])

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, user_errors
+from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, WorkersOpt, user_errors
 from sage.paths import sage_home
 
 
@@ -43,6 +43,7 @@ def bench(
                      "'none' for the analytic heads.", show_default=False),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", "-s", help="Seed of the problem sample.")] = 0,
+    workers: WorkersOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure what inverse reasoning costs against plain generation on the same model.
@@ -56,15 +57,22 @@ def bench(
     the user data dir in bench/. The progress bar names the configuration, repetition
     and problem that runs.
 
-    Then it measures the aggregate decode throughput of 1, 4, 8, 16 and 32 sequences at once.
+    Then it measures the aggregate decode throughput of 1, 4, 8, 16 and 32 sequences at once,
+    and prints the tracking overhead ((2)'s tokens/s over (1)'s, and which tracker ran) and
+    the machine: CPU, threads, the instruction sets llama.cpp's kernels were built for.
 
     Cost: (4) dominates: its time grows with --budget (the sampled tokens decode at the
     multi-sequence rate measured last). A machine shared with another CPU-heavy job can
     make it several times slower.
 
+    --accuracy runs each problem once, the problems shared out over --workers processes
+    (default: one per core), each with its own models; timings need the machine to
+    themselves, so the other modes run in one process.
+
     Example: sage bench --mem --n-problems 5 --reps 3   (longer and steadier than the defaults)
     """
-    from sage.bench import CONFIGS, PAPER, BenchSettings, run_bench, summarize, total_steps
+    from sage.bench import (CONFIGS, PAPER, BenchSettings, machine, run_bench, run_over_workers, summarize,
+                            total_steps, tracker_kind, tracking_ratio)
     from sage.problems import problem_set
     from sage.errors import SageError
     from sage.trace import write_json_atomic
@@ -76,6 +84,15 @@ def bench(
             raise SageError(f"{name} must be at least 1")
     if budget < 0:
         raise SageError("--budget must be >= 0 tokens")
+    if workers is not None and workers < 1:
+        raise SageError("--workers must be at least 1")
+    if workers is not None and workers > 1 and not accuracy:
+        raise SageError("--workers applies to --accuracy: timings need the machine to themselves")
+    if accuracy and workers is None:
+        from sage.workers import available_cores
+
+        workers = available_cores()
+    workers = workers or 1
     label, probs = problem_set(problems, n, seed)
     resolved = resolve_model(model)
     from sage.engine import check_gguf_file
@@ -94,14 +111,25 @@ def bench(
                              heads=str(sidecar) if sidecar else None, budget=budget)
     configs = ("forward", "rollouts") if accuracy else CONFIGS
     view = None if json_out else BenchView()
-    total = total_steps(len(probs), reps, mem, configs)
+    if accuracy:  # answers do not change with repetition: once, over the workers
+        reps = 1
+        total = len(configs) * len(probs)
+
+        def go(step=None):
+            return run_over_workers(settings, probs, configs, workers, on_step=step)
+    else:
+        total = total_steps(len(probs), reps, mem, configs)
+
+        def go(step=None):
+            return run_bench(settings, probs, reps=reps, mem=mem, configs=configs, on_step=step)
     if view:
         header = f"sage bench · {resolved.name} · {label} · {reps} reps · ≤{max_tokens} tokens"
         header += " · --mem" if mem else ""
+        header += f" · {workers} workers" if workers > 1 else ""
         with view.progress(total, header) as step:
-            runs = run_bench(settings, probs, reps=reps, mem=mem, configs=configs, on_step=step)
+            runs = go(step)
     else:
-        runs = run_bench(settings, probs, reps=reps, mem=mem, configs=configs)
+        runs = go()
     table = summarize(runs, probs, mem)
     sequences = None
     if not accuracy:  # what batched rollouts and branch sampling get from this machine
@@ -118,12 +146,15 @@ def bench(
         "problems": label,
         "n_problems": len(probs),
         "reps": reps,
+        "workers": workers,
         "max_tokens": max_tokens,
         "budget": budget,
         "mem": mem,
         "heads": str(sidecar) if sidecar else "analytic (built in)",
         "configs": table,
         "sequences_tokens_per_s": sequences,
+        "tracking": {"tracker": tracker_kind(), "decode_ratio": tracking_ratio(table)} if "track" in table else None,
+        "machine": machine(),
         "paper": PAPER,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000"),
     }

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from sage.errors import SageError
-from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, user_errors
+from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, WorkersOpt, user_errors
 from sage.paths import heads_dir
 
 app = typer.Typer(
@@ -62,6 +62,8 @@ def train(
                      "where `sage ask` finds it.", show_default=False),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing sidecar.")] = False,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train SAGE heads on the model's own counterfactual rollouts and write NAME.sage.gguf.
@@ -75,14 +77,21 @@ def train(
     held-out problems exactly as `sage ask` runs them: decision AUROC analytic vs trained,
     confidence calibration error (ECE).
 
-    Labels are saved as they are collected: an interrupted run resumes.
+    Labels are saved as they are collected: an interrupted run resumes. Collection runs
+    over --workers processes (default: one per core, one thread each on 2 cores), each
+    with its own copy of the model; the rest of training runs here.
 
     Example: sage heads train --n-problems 128 --seed 0
     """
     from sage.heads import heads_name
     from sage.presets import resolve_model
 
-    for name, v, lo in (("--n-problems", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--depth", depth, 1),
+    from sage.workers import available_cores
+
+    workers = available_cores() if workers is None else workers
+    if threads is not None and not 1 <= threads <= 512:
+        raise SageError("--threads must be between 1 and 512")
+    for name, v, lo in (("--workers", workers, 1), ("--n-problems", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--depth", depth, 1),
                         ("--width", width, 2), ("--epochs", epochs, 1), ("--heads", n_heads, 1),
                         ("--layers", max_layers, 1)):
         if v < lo:
@@ -109,7 +118,8 @@ def train(
     training_problems(n, seed, holdout)  # refuse missing data now
     s = TrainSettings(model_path=resolved.path, base_name=resolved.preset or resolved.path.name, n=n,
                       holdout=holdout, seed=seed, max_tokens=max_tokens, n_sample=sample, depth=depth, width=width,
-                      epochs=epochs, n_heads=n_heads, max_layers=max_layers, labels=labels)
+                      epochs=epochs, n_heads=n_heads, max_layers=max_layers, labels=labels,
+                      n_threads=threads, workers=workers)
     view = None if json_out else HeadsView()
     if view:
         with view.live(n) as on_event:

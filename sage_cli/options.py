@@ -69,6 +69,11 @@ ThreadsOpt = Annotated[
     typer.Option("--threads", "-t", envvar="SAGE_THREADS", help="CPU threads (default: all, up to 8).",
                  show_default=False),
 ]
+WorkersOpt = Annotated[
+    Optional[int],
+    typer.Option("--workers", "-w", help="Worker processes, one model loaded in each, problems shared out as they "
+                 "finish; the threads are divided among them. Default: the cores available.", show_default=False),
+]
 MAX_PROBLEM_BYTES = 1 << 20  # a problem read from stdin; the context refuses far less anyway
 
 

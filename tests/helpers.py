@@ -14,3 +14,26 @@ def one_line_error(result, *needles) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+# sage.workers' tests: a worker imports these by name (module `helpers`, on the spawned
+# interpreter's sys.path as on this one's)
+def worker_init(tag: str, threads: int | None) -> dict:
+    import os
+
+    return {"tag": tag, "threads": threads, "pid": os.getpid()}
+
+
+def worker_work(state: dict, item):
+    import os
+
+    from sage.errors import SageError
+
+    if item == "boom":
+        raise SageError("boom in a worker")
+    if item == "die":
+        os._exit(3)  # as a worker killed or out of memory
+    import time
+
+    time.sleep(0.2)  # work that takes a while, as a problem does: both workers get some
+    return state["pid"], state["threads"], state["tag"], item * 2

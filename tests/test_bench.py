@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import one_line_error
 from sage.bench import CONFIGS, branch_vote
 from sage.problems import Problem, arithmetic_problems, load_problems, problem_set, score
 from sage.errors import SageError
-from sage.trace import Alternative, Analysis, Answer, Branch, Decision, Explanation
+from sage.trace import Analysis, Answer, Branch, Decision, Explanation
 from sage.cli.main import app
 
 runner = CliRunner()
@@ -109,6 +110,34 @@ def test_short_bench_every_configuration():
     assert len(saved) == 1 and json.loads(saved[0].read_text())["configs"].keys() == res["configs"].keys()
     seqs = res["sequences_tokens_per_s"]  # this machine's decode throughput with several sequences
     assert list(seqs) == ["1", "4", "8", "16", "32"] and all(_positive_finite(v) for v in seqs.values())
+    # the tracking overhead beside the configurations, and what it was measured on
+    tr, rows = res["tracking"], res["configs"]
+    assert tr["tracker"] == "native"  # the install builds it; where it does not, the bench says so
+    assert tr["decode_ratio"] == pytest.approx(rows["track"]["tokens_per_s"]["median"] / rows["forward"]["tokens_per_s"]["median"])
+    m = res["machine"]
+    assert m["cpu"] and m["cores"] >= 1 and m["threads"] >= 1
+    assert m["kernels"] and all(k == k.upper() for k in m["kernels"])
+
+
+def test_bench_view_names_the_tracker_and_the_machine():
+    from rich.console import Console
+
+    from sage.cli.ui import BenchView
+
+    row = {"tokens_per_s": {"median": 100.0, "min": 99.0, "max": 101.0},
+           "time_per_problem_s": {"median": 1.0, "min": 1.0, "max": 1.0}, "accuracy": 0.5}
+    r = {"model": "m", "problems": "gsm8k", "reps": 2, "max_tokens": 16, "mem": False,
+         "configs": {"forward": row, "track": dict(row, tokens_per_s={"median": 80.0, "min": 80.0, "max": 80.0})},
+         "sequences_tokens_per_s": {"1": 50.0, "8": 100.0}, "paper": {"time_overhead": 0.14, "memory_overhead": 0.1},
+         "tracking": {"tracker": "python", "decode_ratio": 0.8},
+         "machine": {"cpu": "Some CPU [bold]x[/bold]", "cores": 2, "threads": 2, "kernels": ["AVX2", "FMA"]}}
+    out = Console(record=True, width=200, force_terminal=False)
+    BenchView(out).results(r, None)
+    text = out.export_text()
+    assert "(2) decodes at 0.800 × (1)'s tokens/s (+25.0 % time per token" in text
+    assert "not built here" in text
+    assert "8: 100 tok/s (×2.00)" in text
+    assert "Some CPU [bold]x[/bold] · 2 cores, 2 threads" in text and "AVX2, FMA" in text  # shown as text
 
 
 def test_multi_sequence_throughput(smollm2_path):
@@ -130,9 +159,32 @@ def test_short_bench_memory():
     assert res["configs"]["track"]["memory"]["heads"] > 0
 
 
+def test_accuracy_over_two_workers_gives_the_answers_of_one(monkeypatch, smollm2_path):
+    # one thread per process either way: the same kernels on the same batches, so the same
+    # answers, samples and votes per problem, whichever worker ran which problem
+    from sage.bench import BenchSettings, run_over_workers
+
+    monkeypatch.setenv("SAGE_THREADS", "1")
+    s = BenchSettings(model_path=str(smollm2_path), max_tokens=24, budget=300)
+    probs = arithmetic_problems(3, seed=5)
+    one = run_over_workers(s, probs, ("forward", "rollouts"), workers=1)
+    steps = []
+    two = run_over_workers(s, probs, ("forward", "rollouts"), workers=2, on_step=steps.append)
+    for c in ("forward", "rollouts"):
+        a, b = one[c][0], two[c][0]
+        assert (a.answers, a.votes, a.spent, a.tokens, a.rollout_tokens) == (b.answers, b.votes, b.spent, b.tokens, b.rollout_tokens)
+    assert len(one["rollouts"][0].answers) == 3 and sum(one["rollouts"][0].spent) > 3 * 24
+    assert sum(st.done for st in steps) == 2 * 3  # every problem's configurations reported
+
+
+def test_workers_only_with_accuracy():
+    r = runner.invoke(app, ["bench", "--workers", "2", "--n-problems", "1"])
+    one_line_error(r, "--workers applies to --accuracy")
+
+
 def test_accuracy_mode():
-    res = _bench("--accuracy", "--heads", "none")
-    assert res["heads"] == "analytic (built in)"
+    res = _bench("--accuracy", "--heads", "none", "--workers", "2")
+    assert res["heads"] == "analytic (built in)" and res["workers"] == 2 and res["reps"] == 1
     assert list(res["configs"]) == ["forward", "rollouts"] and res["sequences_tokens_per_s"] is None
     row = res["configs"]["rollouts"]
     assert 0 <= row["accuracy"] <= 1 and 0 <= row["vote_accuracy"] <= 1
@@ -140,7 +192,7 @@ def test_accuracy_mode():
 
 
 @pytest.mark.parametrize("args,needle", [(["--problems", "nope.jsonl"], "no problems file"), (["--n-problems", "0"], "--n-problems"),
-                                         (["--reps", "0"], "--reps"), (["--heads", "nope.sage.gguf"], "no heads")])
+                                         (["--reps", "0"], "--reps"), (["--workers", "0"], "--workers"), (["--heads", "nope.sage.gguf"], "no heads")])
 def test_bench_bad_input(args, needle):
     r = runner.invoke(app, ["bench", *args])
     assert r.exit_code == 2

@@ -213,14 +213,14 @@ def test_fuzz_sidecar_reader(tmp_path):
 
 
 @pytest.mark.slow
-def test_fuzz_gguf_check_10000(tmp_path, tiny_model):
+def test_fuzz_gguf_check_many(tmp_path, tiny_model):
     run = _fuzz(_check_gguf_raises_only_gguf_error, tiny_model, 1200, FUZZ_SLOW)
     run.tmp = tmp_path
     run()
 
 
 @pytest.mark.slow
-def test_fuzz_sidecar_reader_10000(tmp_path):
+def test_fuzz_sidecar_reader_many(tmp_path):
     run = _fuzz(_load_heads_raises_only_sage_error, SHIPPED_HEADS.read_bytes(), 2500, FUZZ_SLOW)
     run.tmp = tmp_path
     run()
@@ -649,7 +649,7 @@ def test_fuzz_trace_loader(tmp_path):
 
 
 @pytest.mark.slow
-def test_fuzz_trace_loader_10000(tmp_path):
+def test_fuzz_trace_loader_many(tmp_path):
     run = _trace_fuzz(FUZZ_SLOW)
     run.tmp = tmp_path
     run()

@@ -6,7 +6,7 @@
    random sample of the other candidates (their strongest alternative) are rolled out
    on KV branches. Decision label of a token: the answer changes under the alternative.
    Confidence label of a chain: the answer is right. Labels are saved as JSON lines and
-   reused.
+   reused (sage.labels, over worker processes: --workers).
 2. tracking heads: the torch reference model of the same GGUF gives every (layer, head)
    attention row; each head is scored by the AUROC of the value-weighted attention the
    labelled tokens receive; the best few heads (in at most a few layers) are kept,
@@ -34,17 +34,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sage.problems import Problem, arithmetic_problems, data_file, load_problems, score
+from sage.problems import Problem, arithmetic_problems, data_file, load_problems
 from sage.engine import Engine
 from sage.errors import SageError
 from sage.heads import FEATURES, InverseLayer, MetaHead, SageHeads, fingerprint
-from sage.inverse import AnalysisConfig, find_decisions, meta_features, risk, rollout, token_features
-from sage.inverse.config import is_choice, plausible_alternatives
-from sage.inverse.observe import Observation, PromptMap, step_of_tokens
+from sage.inverse import token_features
+from sage.inverse.observe import Observation, PromptMap
+from sage.labels import Example, collect
 from sage.reason import ReasonRun
-from sage.trace import Decision, Trace
-
-LABELS_VERSION = 2
 
 
 # --- problems --------------------------------------------------------------------------------
@@ -75,139 +72,7 @@ def training_problems(n: int, seed: int, holdout: float) -> tuple[list[tuple[str
     return items[n_test:], items[:n_test]
 
 
-# --- 1. labels from rollouts -----------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    """One problem's chain, its labelled tokens and its answer facts."""
-
-    source: str
-    problem: Problem
-    prompt_tokens: list[int]
-    in_problem: list[bool]  # per prompt position: part of the problem text
-    trace: dict  # Trace.to_dict() without analysis
-    features: list[list[float]]  # (n_gen, F) analytic features under the default tracker
-    labels: list[dict]  # {"token": k, "label": 0/1, "sampled": bool, "alternatives": n}
-    meta: list[float]  # META_FEATURES of the analytic analysis
-    confidence: float | None  # the analytic (counterfactual) answer confidence
-    answer: str | None
-    correct: bool
-
-    def to_json(self) -> dict:
-        d = dict(self.__dict__)
-        d["problem"] = self.problem.__dict__
-        return d
-
-    @staticmethod
-    def from_json(d: dict) -> "Example":
-        d = dict(d)
-        d["problem"] = Problem(**d["problem"])
-        return Example(**d)
-
-    def get_trace(self) -> Trace:
-        return Trace.from_dict(self.trace)
-
-
-def _probe(trace: Trace, k: int, n_prompt: int, owner: int) -> Decision:
-    t = trace.tokens[k]
-    alts = plausible_alternatives(t, 0.0)
-    return Decision(rank=0, token_index=k, position=n_prompt + k, step=owner, text=t.text, prob=t.prob,
-                    entropy=t.entropy, significance=0.0, score=0.0, dependents=[], merged=0,
-                    alternatives=alts[:1], branches=[], dependencies=[], confirmed=None)
-
-
-def collect_one(engine: Engine, source: str, p: Problem, max_tokens: int, n_sample: int, seed: int,
-                cfg: AnalysisConfig) -> Example:
-    run = ReasonRun(engine, p.text, max_tokens=max_tokens, analysis=cfg)
-    for _ in run:
-        pass
-    trace = run.trace
-    obs = Observation.from_engine(engine, trace, run.prompt_tokens)
-    n_prompt, n_gen, pm = obs.n_prompt, obs.n_gen, obs.prompt
-    feats = token_features(obs) if n_gen else np.zeros((0, len(FEATURES)))
-    std, _ = find_decisions(trace, obs.significance, n_prompt, cfg)
-    chosen = {d.token_index for d in std}
-    # the tokens that had a plausible alternative (the candidate rule without the threshold)
-    others = [k for k, t in enumerate(trace.tokens) if is_choice(t, cfg.min_alt_prob) and k not in chosen]
-    rng = random.Random(f"{seed}|{p.text}")
-    sampled = sorted(rng.sample(others, min(n_sample, len(others))))
-    owner = step_of_tokens(trace) if n_gen else []
-    probes = [_probe(trace, k, n_prompt, int(owner[k])) for k in sampled]
-    if std or probes:
-        rollout(engine, trace, run.prompt_tokens, std + probes, cfg, run.stops)
-    labels = [
-        {"token": d.token_index, "label": int(any(b.changed for b in d.branches)), "sampled": d in probes,
-         "alternatives": len(d.branches)}
-        for d in std + probes
-        if d.branches
-    ]
-    # the analytic analysis' answer facts (as inverse.analyze computes them)
-    rolled = [d for d in std if d.branches]
-    for d in rolled:
-        d.confirmed = any(b.changed for b in d.branches)
-    consistency = sum(d.confirmed for d in rolled) / len(rolled) if rolled else None
-    conf = None
-    if trace.answer and trace.answer.confidence is not None:
-        conf = trace.answer.confidence
-        for d in rolled:
-            conf *= 1.0 - risk(d)
-    meta = meta_features(trace, std, consistency, conf if conf is not None else 0.5)
-    answer = trace.answer.value if trace.answer else None
-    d = trace.to_dict()
-    d["analysis"] = None
-    return Example(source, p, list(run.prompt_tokens), [bool(x) for x in pm.in_problem], d,
-                   feats.astype(float).tolist(), labels, meta.astype(float).tolist(), conf, answer, score(answer, p))
-
-
-def collect(model_path: Path, items: list[tuple[str, Problem]], labels_path: Path, *, max_tokens: int, n_sample: int,
-            seed: int, n_threads: int | None = None, on_problem: Callable[[Example], None] | None = None) -> list[Example]:
-    """Collect (or resume collecting) labelled examples into labels_path (JSON lines; the
-    first line is a header naming the settings, so a file for other settings is refused)."""
-    header = {"sage_labels": LABELS_VERSION, "model": str(model_path), "max_tokens": max_tokens,
-              "n_sample": n_sample, "seed": seed}
-    done: dict[str, Example] = {}
-    if labels_path.exists():
-        with open(labels_path) as f:
-            lines = f.read().splitlines()
-        try:
-            head = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
-            head = {}
-        if {k: v for k, v in head.items() if k != "model"} != {k: v for k, v in header.items() if k != "model"}:
-            raise SageError(f"{labels_path} holds labels for other settings; remove it or pass another --labels")
-        for line in lines[1:]:
-            try:
-                ex = Example.from_json(json.loads(line))
-            except (json.JSONDecodeError, TypeError, KeyError):
-                break  # a line cut short by an interrupt: collect it again
-            done[ex.problem.text] = ex
-    todo = [(s, p) for s, p in items if p.text not in done]
-    if todo:
-        labels_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg = AnalysisConfig(rollout_total=max_tokens, method="greedy", budget=0)
-        eng = Engine(model_path, n_ctx=2048, n_threads=n_threads, track=True, n_seq_max=cfg.n_seq_max())
-        try:
-            with open(labels_path, "w") as f:  # the header and the complete lines (drops a cut one)
-                f.write(json.dumps(header) + "\n")
-                for ex in done.values():
-                    f.write(json.dumps(ex.to_json()) + "\n")
-            for s, p in todo:
-                ex = collect_one(eng, s, p, max_tokens, n_sample, seed, cfg)
-                with open(labels_path, "a") as f:
-                    f.write(json.dumps(ex.to_json()) + "\n")
-                done[p.text] = ex
-                if on_problem:
-                    on_problem(ex)
-        finally:
-            eng.close()
-    for s, p in items:
-        if p.text not in done:
-            raise SageError(f"no labels for a problem of {labels_path}")
-    return [done[p.text] for _, p in items]
-
-
-# --- metrics ---------------------------------------------------------------------------------
+# --- 1. labels: sage.labels (torch-free, so label workers never import torch) ------------
 
 
 def auroc(scores, labels) -> float:
@@ -495,6 +360,7 @@ class TrainSettings:
     n_heads: int = 8
     max_layers: int = 4
     n_threads: int | None = None
+    workers: int = 1  # label collection's worker processes (sage.workers)
     labels: Path | None = None
 
 
@@ -545,7 +411,7 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
     labels_path = s.labels
     emit("collect", {"n": s.n, "path": str(labels_path)})
     examples = collect(s.model_path, train_items + test_items, labels_path, max_tokens=s.max_tokens,
-                       n_sample=s.n_sample, seed=s.seed, n_threads=s.n_threads,
+                       n_sample=s.n_sample, seed=s.seed, n_threads=s.n_threads, workers=s.workers,
                        on_problem=lambda ex: emit("problem", {"correct": ex.correct, "labels": len(ex.labels)}))
     t_collect = time.time()
     tr_ex = [e for e in examples[: len(train_items)] if e.trace["tokens"]]

@@ -169,6 +169,13 @@ class BenchView:
             cells.append(acc)
             table.add_row(*cells)
         self.out.print(table)
+        tracking = r.get("tracking")
+        if tracking and tracking.get("decode_ratio") is not None:
+            how = ("the native tracker, in C" if tracking.get("tracker") == "native" else
+                   "the Python fallback: the native tracker (kernels/tracker.c) is not built here; reinstall sage")
+            self.out.print(Text(
+                f"tracking overhead: (2) decodes at {tracking['decode_ratio']:.3f} × (1)'s tokens/s "
+                f"({(1 / tracking['decode_ratio'] - 1) * 100:+.1f} % time per token; {how})", style="dim"))
         seqs = r.get("sequences_tokens_per_s")
         if seqs:
             one = seqs.get("1")
@@ -194,6 +201,11 @@ class BenchView:
                     f"greedy {row['accuracy']:.2f} vs vote of the samples {row['vote_accuracy']:.2f}; tokens per problem "
                     f"{row['tokens_per_problem']:.0f} vs {row['vote_tokens_per_problem']:.0f}", style="dim"))
         self.out.print(Text(f"heads: {r.get('heads', 'analytic (built in)')}", style="dim"))
+        m = r.get("machine")
+        if m:
+            self.out.print(Text(untrusted(
+                f"machine: {m.get('cpu')} · {m.get('cores')} cores, {m.get('threads')} threads · llama.cpp CPU kernels "
+                f"built for {', '.join(m.get('kernels') or []) or 'no listed extensions'}"), style="dim"))
         if saved:
             self.out.print(Text(f"saved to {saved}", style="dim"))
 

@@ -1,0 +1,125 @@
+"""sage.workers (problems over worker processes) and label collection over them: every
+result once, workers with their share of the threads, failures and kills that end the
+run cleanly, and a labels file that a killed run resumes without losing or duplicating a
+problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import worker_init, worker_work
+from sage.errors import SageError
+from sage.workers import run_tasks, threads_per_worker
+
+
+def test_every_item_once_over_two_workers_with_a_thread_each():
+    got = dict(run_tasks(worker_init, ("t",), worker_work, list(range(7)), workers=2, threads=2))
+    assert sorted(got) == list(range(7))
+    assert [r[3] for _, r in sorted(got.items())] == [2 * i for i in range(7)]
+    pids = {r[0] for r in got.values()}
+    assert len(pids) == 2 and os.getpid() not in pids  # two processes, neither this one
+    assert {r[1] for r in got.values()} == {1}  # 2 threads shared by 2 workers
+
+
+def test_one_worker_runs_here_with_all_the_threads():
+    got = dict(run_tasks(worker_init, ("t",), worker_work, [1, 2], workers=1, threads=3))
+    assert {r[0] for r in got.values()} == {os.getpid()} and {r[1] for r in got.values()} == {3}
+
+
+def test_threads_per_worker():
+    assert threads_per_worker(2, 2) == 1 and threads_per_worker(3, 2) == 1 and threads_per_worker(2, 8) == 4
+
+
+def test_a_workers_error_ends_the_run_with_it():
+    with pytest.raises(SageError, match="boom in a worker"):
+        list(run_tasks(worker_init, ("t",), worker_work, [1, "boom", 2, 3], workers=2))
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    with pytest.raises(SageError, match="worker process died"):
+        list(run_tasks(worker_init, ("t",), worker_work, [1, "die", 2, 3], workers=2))
+
+
+def test_workers_must_be_positive():
+    with pytest.raises(SageError, match="--workers"):
+        list(run_tasks(worker_init, ("t",), worker_work, [1], workers=0))
+
+
+# --- labels over workers ------------------------------------------------------------------------
+
+_COLLECT = """
+import sys
+from pathlib import Path
+from sage.labels import collect
+from sage.problems import arithmetic_problems
+items = [("arithmetic", p) for p in arithmetic_problems(int(sys.argv[3]), seed=7)]
+collect(Path(sys.argv[1]), items, Path(sys.argv[2]), max_tokens=40, n_sample=2, seed=0, n_threads=int(sys.argv[4]),
+        workers=int(sys.argv[5]))
+"""
+
+
+def _collect(model, labels, n, threads, workers, **kw):
+    return subprocess.Popen([sys.executable, "-c", _COLLECT, str(model), str(labels), str(n), str(threads), str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def _examples(path: Path, cut_ok: bool = False) -> dict[str, dict]:
+    exs = []
+    for ln in path.read_text().splitlines()[1:]:
+        try:
+            exs.append(json.loads(ln))
+        except json.JSONDecodeError:
+            assert cut_ok, ln  # only a killed run leaves a line cut short, its last
+            break
+    texts = [e["problem"]["text"] for e in exs]
+    assert len(texts) == len(set(texts)), "a problem labelled twice"
+    return {e["problem"]["text"]: e for e in exs}
+
+
+@pytest.mark.slow
+def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, smollm2_path):
+    n = 6
+    # one worker with one thread, and two workers with one thread each: the same kernels
+    # on the same batch shapes, so the labels are the same numbers
+    one = _collect(smollm2_path, tmp_path / "one.jsonl", n, 1, 1)
+    _, err = one.communicate(timeout=900)
+    assert one.returncode == 0, err
+    ref = _examples(tmp_path / "one.jsonl")
+    assert len(ref) == n
+
+    # two workers, killed (SIGKILL, the whole process group) once two problems are in
+    path = tmp_path / "two.jsonl"
+    p = _collect(smollm2_path, path, n, 2, 2, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, p.stderr.read()
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    part = _examples(path, cut_ok=True)
+    assert 2 <= len(part) < n
+    # resumed: what was there is kept, the rest is collected, nothing twice
+    again = _collect(smollm2_path, path, n, 2, 2)
+    _, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err
+    done = _examples(path)
+    assert set(done) == set(ref)
+    for text, ex in done.items():
+        assert _labelled(ex) == _labelled(ref[text]), text
+
+
+def _labelled(ex: dict) -> dict:
+    """What an example says (its trace's timings aside)."""
+    keep = {k: ex[k] for k in ("prompt_tokens", "features", "labels", "meta", "confidence", "answer", "correct")}
+    keep["tokens"] = [t["id"] for t in ex["trace"]["tokens"]]
+    return keep
