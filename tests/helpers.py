@@ -33,6 +33,13 @@ def worker_work(state: dict, item):
         raise SageError("boom in a worker")
     if item == "die":
         os._exit(3)  # as a worker killed or out of memory
+    if isinstance(item, str) and item.startswith("pidfile:"):
+        from pathlib import Path
+
+        Path(item[len("pidfile:"):]).write_text(str(os.getpid()))
+        import time
+
+        time.sleep(60)  # a long problem, to be interrupted
     import time
 
     time.sleep(0.2)  # work that takes a while, as a problem does: both workers get some

@@ -53,6 +53,42 @@ def test_workers_must_be_positive():
         list(run_tasks(worker_init, ("t",), worker_work, [1], workers=0))
 
 
+_INTERRUPTED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from helpers import worker_init, worker_work
+from sage.workers import run_tasks
+try:
+    list(run_tasks(worker_init, ("t",), worker_work, ["pidfile:" + p for p in sys.argv[2:]], workers=2))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_the_workers(tmp_path):
+    # a terminal's Ctrl-C reaches the whole process group: the workers ignore it, this
+    # process stops them, and none is left running
+    files = [tmp_path / "a", tmp_path / "b"]
+    p = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(Path(__file__).parent), *map(str, files)],
+                         stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while not all(f.exists() and f.read_text() for f in files) and time.time() < deadline:
+        time.sleep(0.05)
+    pids = [int(f.read_text()) for f in files]
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and b"Traceback" not in err, err
+    time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)  # (not our child: raises; a zombie would be reaped)
+        except ChildProcessError:
+            pass
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 # --- labels over workers ------------------------------------------------------------------------
 
 _COLLECT = """
