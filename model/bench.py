@@ -501,8 +501,8 @@ def _bench_task(runner: Runner, task: tuple) -> dict[str, Run]:
     return {c: runner.run(c, [p]) for c in configs}
 
 
-def run_over_workers(s: BenchSettings, problems: list[Problem], configs: tuple[str, ...], workers: int,
-                     on_step: Callable[[Step], None] | None = None) -> dict[str, list[Run]]:
+def run_over_workers(s: BenchSettings, problems: list[Problem], configs: tuple[str, ...], workers: int | None,
+                     on_step: Callable[[Step], None] | None = None, ray: str | None = None) -> dict[str, list[Run]]:
     """Every configuration once over the problems, the problems shared out over worker
     processes (sage.workers), one set of models in each: for --accuracy, whose answers do
     not depend on timing. No warm-up; on_step gets each problem's configurations as they
@@ -514,7 +514,8 @@ def run_over_workers(s: BenchSettings, problems: list[Problem], configs: tuple[s
         on_step(Step("", 0, 0, 0, n, "load"))
     parts: dict[int, dict[str, Run]] = {}
     tasks = [(configs, p) for p in problems]
-    for i, res in run_tasks(_open_runner, (s, configs), _bench_task, tasks, workers=workers, threads=s.threads):
+    for i, res in run_tasks(_open_runner, (s, configs), _bench_task, tasks, workers=workers, threads=s.threads,
+                              ray=ray):
         parts[i] = res
         for c in configs:
             if on_step:

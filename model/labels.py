@@ -159,10 +159,11 @@ def read_labels(labels_path: Path, header: dict) -> dict[str, Example]:
 
 
 def collect(model_path: Path, items: list[tuple[str, Problem]], labels_path: Path, *, max_tokens: int, n_sample: int,
-            seed: int, n_threads: int | None = None, workers: int = 1,
+            seed: int, n_threads: int | None = None, workers: int | None = 1, ray: str | None = None,
             on_problem: Callable[[Example], None] | None = None) -> list[Example]:
     """Collect (or resume collecting) labelled examples into labels_path, over `workers`
-    processes that share n_threads (default: the cores); in the order of items."""
+    processes that share n_threads (default: the cores), or Ray actors at the address
+    `ray` (sage.workers); in the order of items."""
     header = {"sage_labels": LABELS_VERSION, "model": str(model_path), "max_tokens": max_tokens,
               "n_sample": n_sample, "seed": seed}
     done = read_labels(labels_path, header)
@@ -177,7 +178,7 @@ def collect(model_path: Path, items: list[tuple[str, Problem]], labels_path: Pat
                 f.write(json.dumps(ex.to_json()) + "\n")
         tasks = [(s, p, max_tokens, n_sample, seed) for s, p in todo]
         for _, ex in run_tasks(_open_engine, (str(model_path), max_tokens), _collect_task, tasks, workers=workers,
-                               threads=n_threads):
+                               threads=n_threads, ray=ray):
             with open(labels_path, "a") as f:
                 f.write(json.dumps(ex.to_json()) + "\n")
             done[ex.problem.text] = ex

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, WorkersOpt, user_errors
+from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, RayOpt, WorkersOpt, user_errors
 from sage.paths import sage_home
 
 
@@ -44,6 +44,7 @@ def bench(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", "-s", help="Seed of the problem sample.")] = 0,
     workers: WorkersOpt = None,
+    ray: RayOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure what inverse reasoning costs against plain generation on the same model.
@@ -86,13 +87,16 @@ def bench(
         raise SageError("--budget must be >= 0 tokens")
     if workers is not None and workers < 1:
         raise SageError("--workers must be at least 1")
-    if workers is not None and workers > 1 and not accuracy:
-        raise SageError("--workers applies to --accuracy: timings need the machine to themselves")
-    if accuracy and workers is None:
+    if ray is not None:
+        from sage.workers import check_ray_address
+
+        check_ray_address(ray)
+    if ((workers is not None and workers > 1) or ray is not None) and not accuracy:
+        raise SageError(f"{'--ray' if ray else '--workers'} applies to --accuracy: timings need the machine to themselves")
+    if accuracy and workers is None and ray is None:
         from sage.workers import available_cores
 
         workers = available_cores()
-    workers = workers or 1
     label, probs = problem_set(problems, n, seed)
     resolved = resolve_model(model)
     from sage.engine import check_gguf_file
@@ -116,7 +120,7 @@ def bench(
         total = len(configs) * len(probs)
 
         def go(step=None):
-            return run_over_workers(settings, probs, configs, workers, on_step=step)
+            return run_over_workers(settings, probs, configs, workers, on_step=step, ray=ray)
     else:
         total = total_steps(len(probs), reps, mem, configs)
 
@@ -125,7 +129,7 @@ def bench(
     if view:
         header = f"sage bench · {resolved.name} · {label} · {reps} reps · ≤{max_tokens} tokens"
         header += " · --mem" if mem else ""
-        header += f" · {workers} workers" if workers > 1 else ""
+        header += f" · Ray at {ray}" if ray else (f" · {workers} workers" if workers and workers > 1 else "")
         with view.progress(total, header) as step:
             runs = go(step)
     else:
@@ -146,7 +150,8 @@ def bench(
         "problems": label,
         "n_problems": len(probs),
         "reps": reps,
-        "workers": workers,
+        "workers": (workers or 1) if ray is None else workers,
+        "ray": ray,
         "max_tokens": max_tokens,
         "budget": budget,
         "mem": mem,

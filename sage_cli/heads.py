@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from sage.errors import SageError
-from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, ThreadsOpt, WorkersOpt, user_errors
+from sage.cli.options import JsonOpt, MaxTokensOpt, ModelOpt, RayOpt, ThreadsOpt, WorkersOpt, user_errors
 from sage.paths import heads_dir
 
 app = typer.Typer(
@@ -63,6 +63,7 @@ def train(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing sidecar.")] = False,
     workers: WorkersOpt = None,
+    ray: RayOpt = None,
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -88,10 +89,15 @@ def train(
 
     from sage.workers import available_cores
 
-    workers = available_cores() if workers is None else workers
+    if ray is not None:
+        from sage.workers import check_ray_address
+
+        check_ray_address(ray)
+    if workers is None and ray is None:
+        workers = available_cores()
     if threads is not None and not 1 <= threads <= 512:
         raise SageError("--threads must be between 1 and 512")
-    for name, v, lo in (("--workers", workers, 1), ("--n-problems", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--depth", depth, 1),
+    for name, v, lo in (("--workers", 1 if workers is None else workers, 1), ("--n-problems", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--depth", depth, 1),
                         ("--width", width, 2), ("--epochs", epochs, 1), ("--heads", n_heads, 1),
                         ("--layers", max_layers, 1)):
         if v < lo:
@@ -119,7 +125,7 @@ def train(
     s = TrainSettings(model_path=resolved.path, base_name=resolved.preset or resolved.path.name, n=n,
                       holdout=holdout, seed=seed, max_tokens=max_tokens, n_sample=sample, depth=depth, width=width,
                       epochs=epochs, n_heads=n_heads, max_layers=max_layers, labels=labels,
-                      n_threads=threads, workers=workers)
+                      n_threads=threads, workers=workers, ray=ray)
     view = None if json_out else HeadsView()
     if view:
         with view.live(n) as on_event:

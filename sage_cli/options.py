@@ -74,6 +74,12 @@ WorkersOpt = Annotated[
     typer.Option("--workers", "-w", help="Worker processes, one model loaded in each, problems shared out as they "
                  "finish; the threads are divided among them. Default: the cores available.", show_default=False),
 ]
+RayOpt = Annotated[
+    Optional[str],
+    typer.Option("--ray", metavar="ADDRESS", help="Run the workers as Ray actors instead (pip install 'sage[ray]'): "
+                 "'local' starts Ray on this machine, 'auto' joins the cluster `ray start` set up here, or "
+                 "HOST:PORT. --workers then defaults to one per CPU Ray offers.", show_default=False),
+]
 MAX_PROBLEM_BYTES = 1 << 20  # a problem read from stdin; the context refuses far less anyway
 
 

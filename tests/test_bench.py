@@ -192,7 +192,7 @@ def test_accuracy_mode():
 
 
 @pytest.mark.parametrize("args,needle", [(["--problems", "nope.jsonl"], "no problems file"), (["--n-problems", "0"], "--n-problems"),
-                                         (["--reps", "0"], "--reps"), (["--workers", "0"], "--workers"), (["--heads", "nope.sage.gguf"], "no heads")])
+                                         (["--reps", "0"], "--reps"), (["--workers", "0"], "--workers"), (["--ray", "local"], "--ray applies to --accuracy"), (["--heads", "nope.sage.gguf"], "no heads")])
 def test_bench_bad_input(args, needle):
     r = runner.invoke(app, ["bench", *args])
     assert r.exit_code == 2

@@ -175,6 +175,7 @@ def test_heads_train_end_to_end(tmp_path, smollm2_path, run_sage):
         (["--holdout", "1.5"], "--holdout must be between 0 and 1"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--workers", "0"], "--workers must be at least 1"),
+        (["--ray", "x y"], "--ray takes 'local', 'auto' or HOST:PORT"),
         (["--threads", "0"], "--threads must be between 1 and 512"),
         (["--out", "x.gguf"], "NAME.sage.gguf"),
         (["--out", "/nonexistent-dir/x.sage.gguf"], "does not exist"),

@@ -89,6 +89,38 @@ def test_ctrl_c_stops_the_workers(tmp_path):
             os.kill(pid, 0)
 
 
+# --- Ray: the same, with the workers as actors ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (sage[ray]); the test extra installs it")
+    # the actors import this folder's helpers by name, as the local workers do
+    here = str(Path(__file__).parent)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}})
+    yield
+    ray.shutdown()
+
+
+def test_ray_actors_every_item_once(local_ray):
+    got = dict(run_tasks(worker_init, ("t",), worker_work, list(range(6)), workers=None, ray="local"))
+    assert sorted(got) == list(range(6)) and [r[3] for _, r in sorted(got.items())] == [2 * i for i in range(6)]
+    pids = {r[0] for r in got.values()}
+    assert len(pids) == 2 and os.getpid() not in pids  # one actor per CPU Ray offers, 1 thread each
+    assert {r[1] for r in got.values()} == {1}
+
+
+def test_ray_worker_error_is_the_sage_error(local_ray):
+    with pytest.raises(SageError, match="boom in a worker"):
+        list(run_tasks(worker_init, ("t",), worker_work, [1, "boom", 2], workers=2, ray="local"))
+
+
+@pytest.mark.parametrize("address", ["", "http://x", "host", "a b:1", "[x]:1"])
+def test_bad_ray_address(address):
+    with pytest.raises(SageError, match="--ray takes"):
+        list(run_tasks(worker_init, ("t",), worker_work, [1], ray=address))
+
+
 # --- labels over workers ------------------------------------------------------------------------
 
 _COLLECT = """
@@ -97,14 +129,27 @@ from pathlib import Path
 from sage.labels import collect
 from sage.problems import arithmetic_problems
 items = [("arithmetic", p) for p in arithmetic_problems(int(sys.argv[3]), seed=7)]
+ray = sys.argv[6] if len(sys.argv) > 6 else None
 collect(Path(sys.argv[1]), items, Path(sys.argv[2]), max_tokens=40, n_sample=2, seed=0, n_threads=int(sys.argv[4]),
-        workers=int(sys.argv[5]))
+        workers=int(sys.argv[5]), ray=ray)
 """
 
 
-def _collect(model, labels, n, threads, workers, **kw):
-    return subprocess.Popen([sys.executable, "-c", _COLLECT, str(model), str(labels), str(n), str(threads), str(workers)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+def _collect(model, labels, n, threads, workers, *ray, **kw):
+    return subprocess.Popen([sys.executable, "-c", _COLLECT, str(model), str(labels), str(n), str(threads), str(workers),
+                             *ray], stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def _kill_when(p, path: Path, lines: int) -> None:
+    """SIGKILL p's whole process group once `path` holds `lines` lines."""
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, p.stderr.read()
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 def _examples(path: Path, cut_ok: bool = False) -> dict[str, dict]:
@@ -133,19 +178,32 @@ def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, sm
 
     # two workers, killed (SIGKILL, the whole process group) once two problems are in
     path = tmp_path / "two.jsonl"
-    p = _collect(smollm2_path, path, n, 2, 2, start_new_session=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and p.poll() is None:
-        if path.exists() and len(path.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    assert p.poll() is None, p.stderr.read()
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    _kill_when(_collect(smollm2_path, path, n, 2, 2, start_new_session=True), path, 3)
     part = _examples(path, cut_ok=True)
     assert 2 <= len(part) < n
     # resumed: what was there is kept, the rest is collected, nothing twice
     again = _collect(smollm2_path, path, n, 2, 2)
+    _, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err
+    done = _examples(path)
+    assert set(done) == set(ref)
+    for text, ex in done.items():
+        assert _labelled(ex) == _labelled(ref[text]), text
+
+
+@pytest.mark.slow
+def test_labels_over_ray_killed_half_way_resume(tmp_path, smollm2_path):
+    pytest.importorskip("ray", reason="Ray is an optional extra (sage[ray]); the test extra installs it")
+    n = 6
+    one = _collect(smollm2_path, tmp_path / "one.jsonl", n, 1, 1)
+    _, err = one.communicate(timeout=900)
+    assert one.returncode == 0, err
+    ref = _examples(tmp_path / "one.jsonl")
+    # a local Ray instance of 2 CPUs: two actors, one model and one thread each
+    path = tmp_path / "ray.jsonl"
+    _kill_when(_collect(smollm2_path, path, n, 2, 2, "local", start_new_session=True), path, 3)
+    assert 2 <= len(_examples(path, cut_ok=True)) < n
+    again = _collect(smollm2_path, path, n, 2, 2, "local")
     _, err = again.communicate(timeout=900)
     assert again.returncode == 0, err
     done = _examples(path)

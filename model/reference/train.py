@@ -360,7 +360,8 @@ class TrainSettings:
     n_heads: int = 8
     max_layers: int = 4
     n_threads: int | None = None
-    workers: int = 1  # label collection's worker processes (sage.workers)
+    workers: int | None = 1  # label collection's worker processes (sage.workers)
+    ray: str | None = None  # or Ray actors at this address
     labels: Path | None = None
 
 
@@ -411,7 +412,7 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
     labels_path = s.labels
     emit("collect", {"n": s.n, "path": str(labels_path)})
     examples = collect(s.model_path, train_items + test_items, labels_path, max_tokens=s.max_tokens,
-                       n_sample=s.n_sample, seed=s.seed, n_threads=s.n_threads, workers=s.workers,
+                       n_sample=s.n_sample, seed=s.seed, n_threads=s.n_threads, workers=s.workers, ray=s.ray,
                        on_problem=lambda ex: emit("problem", {"correct": ex.correct, "labels": len(ex.labels)}))
     t_collect = time.time()
     tr_ex = [e for e in examples[: len(train_items)] if e.trace["tokens"]]
