@@ -166,7 +166,11 @@ def _examples(path: Path, cut_ok: bool = False) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, smollm2_path):
+@pytest.mark.parametrize("ray", [None, "local"], ids=["local-workers", "ray"])
+def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, smollm2_path, ray):
+    if ray:
+        pytest.importorskip("ray", reason="Ray is an optional extra (sage[ray]); the test extra installs it")
+    backend = (ray,) if ray else ()  # Ray: a local instance of 2 CPUs, two actors
     n = 6
     # one worker with one thread, and two workers with one thread each: the same kernels
     # on the same batch shapes, so the labels are the same numbers
@@ -178,32 +182,11 @@ def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, sm
 
     # two workers, killed (SIGKILL, the whole process group) once two problems are in
     path = tmp_path / "two.jsonl"
-    _kill_when(_collect(smollm2_path, path, n, 2, 2, start_new_session=True), path, 3)
+    _kill_when(_collect(smollm2_path, path, n, 2, 2, *backend, start_new_session=True), path, 3)
     part = _examples(path, cut_ok=True)
     assert 2 <= len(part) < n
     # resumed: what was there is kept, the rest is collected, nothing twice
-    again = _collect(smollm2_path, path, n, 2, 2)
-    _, err = again.communicate(timeout=900)
-    assert again.returncode == 0, err
-    done = _examples(path)
-    assert set(done) == set(ref)
-    for text, ex in done.items():
-        assert _labelled(ex) == _labelled(ref[text]), text
-
-
-@pytest.mark.slow
-def test_labels_over_ray_killed_half_way_resume(tmp_path, smollm2_path):
-    pytest.importorskip("ray", reason="Ray is an optional extra (sage[ray]); the test extra installs it")
-    n = 6
-    one = _collect(smollm2_path, tmp_path / "one.jsonl", n, 1, 1)
-    _, err = one.communicate(timeout=900)
-    assert one.returncode == 0, err
-    ref = _examples(tmp_path / "one.jsonl")
-    # a local Ray instance of 2 CPUs: two actors, one model and one thread each
-    path = tmp_path / "ray.jsonl"
-    _kill_when(_collect(smollm2_path, path, n, 2, 2, "local", start_new_session=True), path, 3)
-    assert 2 <= len(_examples(path, cut_ok=True)) < n
-    again = _collect(smollm2_path, path, n, 2, 2, "local")
+    again = _collect(smollm2_path, path, n, 2, 2, *backend)
     _, err = again.communicate(timeout=900)
     assert again.returncode == 0, err
     done = _examples(path)
