@@ -10,8 +10,8 @@ is right.
 Labels are JSON lines: a header naming the settings (a file for other settings is
 refused), then one Example per problem, appended the moment it is collected, so an
 interrupted run resumes where it stopped (a line cut short is collected again). Problems
-run over worker processes (sage.workers: one model per worker, problems as tasks) and
-land in the file in the order they finish; the result is in the order asked.
+run over worker processes or Ray actors (sage.workers: one model per worker, problems as
+tasks) and land in the file in the order they finish; the result is in the order asked.
 
 numpy and llama.cpp only: the workers never import torch.
 """

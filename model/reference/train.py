@@ -6,7 +6,7 @@
    random sample of the other candidates (their strongest alternative) are rolled out
    on KV branches. Decision label of a token: the answer changes under the alternative.
    Confidence label of a chain: the answer is right. Labels are saved as JSON lines and
-   reused (sage.labels, over worker processes: --workers).
+   reused (sage.labels, over worker processes or Ray actors: --workers, --ray).
 2. tracking heads: the torch reference model of the same GGUF gives every (layer, head)
    attention row; each head is scored by the AUROC of the value-weighted attention the
    labelled tokens receive; the best few heads (in at most a few layers) are kept,
@@ -73,6 +73,9 @@ def training_problems(n: int, seed: int, holdout: float) -> tuple[list[tuple[str
 
 
 # --- 1. labels: sage.labels (torch-free, so label workers never import torch) ------------
+
+
+# --- metrics ---------------------------------------------------------------------------------
 
 
 def auroc(scores, labels) -> float:
