@@ -5,12 +5,13 @@
   decision points. Its analytic initialization passes the eq. 7 significance feature
   straight through (zero-initialized blocks, identity readout), so untrained heads
   reproduce the plain eq. 7 pipeline exactly;
-- meta-cognitive head: logistic regression over answer features giving the probability
-  that the answer is right; analytic: sigmoid(logit(counterfactual confidence)) = that
-  confidence.
+- meta-cognitive head: logistic regression over answer features (the answers sampled
+  from the problem alone, the chain's own uncertainty) giving the probability that the
+  answer is right; analytic: sigmoid(logit_share), the (smoothed) share of samples that
+  reach the chain's answer.
 
 Inference here is numpy only (the `sage ask` path never imports torch); training lives in
-model/heads_train.py. The sidecar is a GGUF with general.architecture = "sage-heads",
+sage.reference.train. The sidecar is a GGUF with general.architecture = "sage-heads",
 keys under "sage.", bound to its base model by a fingerprint of the model's
 architecture, shape and vocabulary. Stock llama.cpp refuses a model GGUF with extra
 tensors, so the heads live beside it, as multimodal projectors do.
@@ -29,7 +30,7 @@ from sage.errors import SageError
 from sage.paths import atomic_file
 
 ARCH = "sage-heads"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the features of FEATURES and META_FEATURES above
 SUFFIX = ".sage.gguf"
 
 # per-token features of the inverse analysis layer, in this order (names are part of the
@@ -43,9 +44,36 @@ FEATURES = (
     "attention_received",  # mean attention later rows paid this token
     "value_received",  # mean value-weighted attention later rows paid this token
     "position",  # relative position in its step, 0..1
+    # format 2
+    "attention_peak",  # the most attention any later row paid it (receiver-head concentration)
+    "entropy_delta",  # its entropy minus the mean of the 8 tokens before it
+    "entropy_after",  # mean entropy of the 8 tokens after it
+    "chain_position",  # relative position in the chain, 0..1
+    "alt_prob",  # probability of its strongest alternative that reads differently
+    "digit",  # 1 if it holds a digit
+    "alt_digit",  # 1 if that alternative holds a digit
+    "before_answer",  # 1 if it comes before the end of the stated answer (or there is none)
 )
-# answer features of the meta-cognitive head
-META_FEATURES = ("logit_confidence", "risk", "consistency", "mean_entropy", "decisions", "answer_found")
+# the features by group, for the ablation `sage heads train` reports (format 1's are "base")
+FEATURE_GROUPS = {
+    "base": FEATURES[:8],
+    "attention concentration": ("attention_peak",),
+    "entropy along the chain": ("entropy_delta", "entropy_after"),
+    "position and answer": ("chain_position", "before_answer"),
+    "token and alternative": ("alt_prob", "digit", "alt_digit"),
+}
+# answer features of the meta-cognitive head: the distribution of answers sampled from the
+# problem alone (the `start` of the sampled analysis) and the chain's own uncertainty
+META_FEATURES = (
+    "logit_share",  # logit of the share of samples reaching the chain's answer, (k + 1/2) / (n + 1)
+    "leader_agrees",  # 1 if the samples' most frequent outcome is the chain's answer
+    "none_share",  # share of samples without an answer
+    "distinct",  # distinct answers among the samples, over the samples
+    "log_samples",  # log of the number of samples
+    "logit_token_prob",  # logit of the answer tokens' probability in the chain
+    "mean_entropy",  # mean entropy of the chain's tokens
+    "cut",  # 1 if the chain was cut at its token limit
+)
 
 
 def logit(p: float) -> float:
@@ -151,6 +179,29 @@ class SageHeads:
         w = np.full((len(layers), n_head), 1.0 / (len(layers) * n_head), np.float32)
         return SageHeads(fingerprint, base_name, list(layers), w, 0.3, InverseLayer.analytic(depth), MetaHead.analytic())
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the analysis turns the samples into P(right) with the meta-cognitive
+        head: trained heads whose training kept it (info "meta" = "trained"; it keeps the
+        samples' share where the fitted head did no better on held-out answers)."""
+        return self.trained and self.info.get("meta") == "trained"
+
+    def calibration(self) -> dict[str, float | None]:
+        """What the sidecar measured of its meta head on held-out answers: ece, answers, right."""
+        import json
+
+        try:
+            m = json.loads(self.info.get("metrics", "{}"))
+        except ValueError:
+            m = {}
+        m = m if isinstance(m, dict) else {}
+
+        def num(key: str) -> float | None:
+            v = m.get(key)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else None
+
+        return {"ece": num("ece_trained"), "answers": num("test_answers"), "right": num("test_correct")}
+
     def describe(self) -> str:
         kind = "trained" if self.trained else "analytic"
         return f"{kind} sidecar for {self.base_name}" + (f" ({self.info['data']})" if "data" in self.info else "")
@@ -252,7 +303,8 @@ def _from_gguf(g, path: Path) -> SageHeads:
         raise SageError(f"{path} is not a SAGE heads file (general.architecture is {arch_name!r})")
     version = get("sage.version", ints, "an integer")
     if version != FORMAT_VERSION:
-        raise SageError(f"{path} is SAGE heads format {version}; this sage reads {FORMAT_VERSION}")
+        raise SageError(f"{path} is SAGE heads format {version}; this sage reads {FORMAT_VERSION}: train the "
+                        "heads again with `sage heads train`, or pass --heads none")
     if strings("sage.inverse.features") != FEATURES or strings("sage.meta.features") != META_FEATURES:
         raise SageError(f"{path} was trained on other features than this sage computes")
     et, _, layers = get("sage.tracking.layers", (ARRAY,), "an array of layers")

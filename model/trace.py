@@ -212,6 +212,11 @@ class Analysis:
     # backward_s, load_s. None otherwise, and in traces made before it existed.
     exact: dict[str, float | None] | None = None
     outcomes: Outcomes | None = None  # sampled outcome distributions (schema 3)
+    # with trained heads whose meta-cognitive head was fitted (sampled analysis):
+    # answer_confidence is that head's estimate of P(the answer is right) from the
+    # samples; this holds the samples' own share ("share") and what the sidecar measured
+    # on held-out answers: "ece", "answers" (how many), "right" (of them). None otherwise.
+    calibration: dict[str, float | None] | None = None
 
 
 @dataclass
@@ -428,7 +433,9 @@ ANALYSIS_SCHEMA: dict[str, Any] = _obj(
     },
     # optional, so that traces from before `--exact` still load
     optional={"exact": {"anyOf": [{"type": "null"}, EXACT_SCHEMA]},
-              "outcomes": {"anyOf": [{"type": "null"}, OUTCOMES_SCHEMA]}},
+              "outcomes": {"anyOf": [{"type": "null"}, OUTCOMES_SCHEMA]},
+              "calibration": {"anyOf": [{"type": "null"}, _obj({"share": _num}, optional={
+                  "ece": _opt_num, "answers": _opt_num, "right": _opt_num})]}},
 )
 
 TRACE_SCHEMA: dict[str, Any] = _obj(

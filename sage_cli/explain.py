@@ -28,7 +28,10 @@ HOW_TO_READ = """How to read sage's output:
   (samples) and counts how often it reaches the answer. That share is the answer's
   trust: high ≥ 80 %, medium ≥ 50 %, low ≥ 20 %, very low below (probably wrong); the
   answer is coloured by it. The 90 % interval says how rough the share is with that few
-  samples. "No answer" means the chain gave none: it was cut off (raise --max-tokens) or
+  samples. Where the model's trained heads were calibrated on held-out answers (`sage
+  heads show` says so), the trust word rests instead on their estimate of the chance the
+  answer is right, shown with how far such estimates were off on those answers (ECE);
+  the samples' own share stays beside it. "No answer" means the chain gave none: it was cut off (raise --max-tokens) or
   stated no final value; sage never guesses one from the middle of a sentence or a list
   number. A note under the answer flags an option letter whose value belongs to another
   option. Questions without a short answer ("Why is the sky blue?") get none to check:

@@ -1,4 +1,4 @@
-"""`sage heads`: train SAGE heads for a model from its own counterfactual rollouts, and
+"""`sage heads`: train SAGE heads for a model on outcome distributions it samples, and
 show what a sidecar holds."""
 
 from __future__ import annotations
@@ -44,8 +44,23 @@ def train(
     seed: Annotated[int, typer.Option("--seed", "-s", help="Seed of the problem sample, the token sample and training.")] = 0,
     max_tokens: MaxTokensOpt = 160,
     sample: Annotated[
-        int, typer.Option("--sample", help="Random candidate tokens rolled out per chain, beside the analytic decisions.")
-    ] = 4,
+        int, typer.Option("--sample", help="Random tokens labelled per fork problem (of those with a plausible "
+                          "alternative): the unbiased sample the held-out evaluation rests on.")
+    ] = 3,
+    candidates: Annotated[
+        int, typer.Option("--candidates", help="Analytic candidates (highest significance x (1 - p)) labelled per fork problem.")
+    ] = 1,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Samples per outcome distribution at a labelled token (the chosen token "
+                          "and each alternative).")
+    ] = 8,
+    alternatives: Annotated[
+        int, typer.Option("--alternatives", help="Alternatives sampled at a labelled token (as `sage ask`: 2).")
+    ] = 2,
+    fork_problems: Annotated[
+        Optional[int], typer.Option("--fork-problems", help="Problems that get token labels (the rest only answer "
+                                    "labels, which cost far less). Default: all.", show_default=False)
+    ] = None,
     depth: Annotated[int, typer.Option("--depth", help="Blocks of the inverse analysis layer (the paper: 6).")] = 6,
     width: Annotated[int, typer.Option("--width", help="Width of the inverse analysis layer.")] = 16,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (full batch; best validation epoch kept).")] = 300,
@@ -67,22 +82,26 @@ def train(
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train SAGE heads on the model's own counterfactual rollouts and write NAME.sage.gguf.
+    """Train SAGE heads on outcome distributions sampled from the model and write NAME.sage.gguf.
 
-    Every problem is answered greedily with attention tracking; the analytic decision
-    points and a seeded sample of other uncertain tokens are rolled out with their
-    alternatives. A token's label: the answer changes under the alternative. A chain's
-    label: its answer is right. Then the tracking heads are chosen by how well their
-    attention ranks those labels, the inverse analysis layer (from its analytic start) and
-    the meta-cognitive head are trained with torch on CPU, and both are evaluated on the
-    held-out problems exactly as `sage ask` runs them: decision AUROC analytic vs trained,
-    confidence calibration error (ECE).
+    Every problem is answered greedily with attention tracking, and its answers are
+    sampled from the problem alone, as `sage ask` does. On the fork problems, a few
+    analytic candidates and a seeded random sample of the tokens that had a plausible
+    alternative get outcome distributions (--samples continuations after the chosen token
+    and after each of its --alternatives), with a seed of their own. A token's label: it
+    is a fork (fork score >= 0.3, permutation p < 0.1). An answer's label: it is right.
+    Then the tracking heads are chosen by how well their attention ranks the forks, the
+    inverse analysis layer (from its analytic start) and the meta-cognitive head are
+    trained with torch on CPU, and all is evaluated on the held-out problems as `sage ask`
+    runs them, against the labels' independent samples: proposal AUROC on the random
+    tokens (trained, analytic, entropy alone, the feature ablation), recall of the forks
+    among the candidates, answer-confidence calibration (ECE).
 
     Labels are saved as they are collected: an interrupted run resumes. Collection runs
     over --workers processes (default: one per core, one thread each on 2 cores), each
-    with its own copy of the model; the rest of training runs here.
+    with its own copy of the model, or over Ray actors (--ray); the rest runs here.
 
-    Example: sage heads train --n-problems 128 --seed 0
+    Example: sage heads train --n-problems 128 --fork-problems 64 --seed 0
     """
     from sage.heads import heads_name
     from sage.presets import resolve_model
@@ -97,8 +116,10 @@ def train(
         workers = available_cores()
     if threads is not None and not 1 <= threads <= 512:
         raise SageError("--threads must be between 1 and 512")
-    for name, v, lo in (("--workers", 1 if workers is None else workers, 1), ("--n-problems", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--depth", depth, 1),
-                        ("--width", width, 2), ("--epochs", epochs, 1), ("--heads", n_heads, 1),
+    for name, v, lo in (("--workers", 1 if workers is None else workers, 1), ("--n-problems", n, 4), ("--max-tokens", max_tokens, 8), ("--sample", sample, 0), ("--candidates", candidates, 0), ("--samples", samples, 2),
+                        ("--alternatives", alternatives, 1), ("--fork-problems", 4 if fork_problems is None else fork_problems, 0),
+                        ("--depth", depth, 1),
+                        ("--width", width, 2), ("--epochs", epochs, 1), ("--n-heads", n_heads, 1),
                         ("--layers", max_layers, 1)):
         if v < lo:
             raise SageError(f"{name} must be at least {lo}")
@@ -113,7 +134,7 @@ def train(
     if out == heads_dir() / name:
         out.parent.mkdir(parents=True, exist_ok=True)
     _check_out(out, force)  # before the long part, not after it
-    labels = labels or heads_dir() / f"{name[: -len('.sage.gguf')]}.labels-seed{seed}-n{n}.jsonl"
+    labels = labels or heads_dir() / f"{name[: -len('.sage.gguf')]}.labels-seed{seed}-max{max_tokens}.jsonl"
     if labels.is_dir():
         raise SageError(f"--labels {labels} is a directory; give a file name")
 
@@ -122,19 +143,25 @@ def train(
     from sage.cli.ui.heads import HeadsView
 
     training_problems(n, seed, holdout)  # refuse missing data now
-    s = TrainSettings(model_path=resolved.path, base_name=resolved.preset or resolved.path.name, n=n,
-                      holdout=holdout, seed=seed, max_tokens=max_tokens, n_sample=sample, depth=depth, width=width,
-                      epochs=epochs, n_heads=n_heads, max_layers=max_layers, labels=labels,
-                      n_threads=threads, workers=workers, ray=ray)
+    if sample + candidates < 1:
+        raise SageError("--sample and --candidates label no token at all; give at least one")
+    if alternatives > 5:
+        raise SageError("--alternatives must be at most 5 (the alternatives a token keeps)")
+    s = TrainSettings(model_path=resolved.path, base_name=resolved.preset or resolved.path.name,
+                      preset=resolved.preset, n=n, holdout=holdout, seed=seed, max_tokens=max_tokens, n_sample=sample,
+                      n_candidates=candidates, samples=samples, alternatives=alternatives,
+                      fork_problems=fork_problems, depth=depth, width=width, epochs=epochs, n_heads=n_heads,
+                      max_layers=max_layers, labels=labels, n_threads=threads, workers=workers, ray=ray)
     view = None if json_out else HeadsView()
     if view:
         with view.live(n) as on_event:
             res = run_train(s, on_event)
     else:
         res = run_train(s)
-    cmd = (f"sage heads train --model {resolved.name} --n {n} --holdout {holdout} --seed {seed} "
-           f"--max-tokens {max_tokens} --sample {sample} --depth {depth} --width {width} --epochs {epochs} "
-           f"--heads {n_heads} --layers {max_layers}")
+    cmd = (f"sage heads train --model {resolved.name} --n-problems {n} --holdout {holdout} --seed {seed} "
+           f"--max-tokens {max_tokens} --sample {sample} --candidates {candidates} --samples {samples} "
+           f"--alternatives {alternatives}" + (f" --fork-problems {fork_problems}" if fork_problems is not None else "")
+           + f" --depth {depth} --width {width} --epochs {epochs} --n-heads {n_heads} --layers {max_layers}")
     res.heads.info["command"] = cmd
     res.heads.save(out, force=force)
     if json_out:

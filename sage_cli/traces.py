@@ -79,10 +79,13 @@ def summary_row(path: Path, number: int) -> dict:
                finish=t.finish_reason, share=None, samples=None, trust=None)
     oc = t.analysis.outcomes if t.analysis is not None else None
     if oc is not None and oc.start is not None and oc.start.n and value is not None:
-        from sage.cli.ui.outcome import trust
+        from sage.cli.ui.outcome import estimate, trust
 
         k = oc.start.count(value)
-        row.update(share=k / oc.start.n, samples=oc.start.n, trust=trust(k / oc.start.n)[0])
+        est = estimate(t)
+        row.update(share=k / oc.start.n, samples=oc.start.n, trust=trust(est[0] if est else k / oc.start.n)[0])
+        if est is not None and est[1]:
+            row.update(calibrated=est[0])
     elif oc is not None and oc.start is not None and oc.start.n:
         row.update(samples=oc.start.n, leader=oc.start.leader, leader_n=oc.start.count(oc.start.leader))
     return row

@@ -110,5 +110,93 @@ def test_embedded_model_ships_trained_heads(smollm2_path, engine):
     assert heads.trained and heads.fingerprint == fingerprint(engine)
     assert heads.info["command"].startswith("sage heads train")
     m = json.loads(heads.info["metrics"])
-    assert m["test_labels"] > 0 and 0 <= m["auroc_trained"] <= 1 and 0 <= m["ece_trained"] <= 1
+    assert m["test_random_tokens"] > 0 and m["test_answers"] > 0
+    for k in ("auroc_trained", "auroc_analytic", "auroc_entropy", "ece_trained", "ece_share"):
+        assert 0 <= m[k] <= 1, k
     assert set(heads.tracked_layers) <= set(engine.full_attention_layers())
+    assert heads.info.get("meta") in ("trained", "samples")
+
+
+def _feature_trace():
+    """Six tokens, one step, the answer '12' stated by tokens 3-4; tokens 3 and 5 chose
+    among digits."""
+    from sage.trace import Alternative, Answer, ModelInfo, Settings, Step, TokenRecord, Trace
+
+    texts = [" So", " it", " is", " 1", "2", "."]
+    alts = [[Alternative(0, " So", 0.9), Alternative(50, " Then", 0.1)],
+            [Alternative(1, " it", 0.8), Alternative(51, " it ", 0.15), Alternative(52, " this", 0.05)],
+            [Alternative(2, " is", 0.99), Alternative(53, " was", 0.01)],
+            [Alternative(3, " 1", 0.6), Alternative(54, " 2", 0.4)],
+            [Alternative(4, "2", 0.7), Alternative(55, "3", 0.3)],
+            [Alternative(5, ".", 0.97), Alternative(56, "!", 0.03)]]
+    entropies = [0.3, 0.5, 0.05, 0.7, 0.6, 0.1]
+    tokens = [TokenRecord(i, t, float(np.log(a[0].prob)), h, 0.1, a) for i, (t, a, h) in enumerate(zip(texts, alts, entropies))]
+    text = "".join(texts)
+    start = text.index("12")
+    return Trace(problem="p", prompt="p", prompt_tokens=2, model=ModelInfo("m", "/m.gguf", "llama", "m", 1, 1, 1, True),
+                 settings=Settings(0.0, 0, 64, 256, 1), tokens=tokens, text=text,
+                 steps=[Step(0, text, 0, len(text), 0, 6, "sentence", 0.5)],
+                 answer=Answer("12", "12", "number", start, start + 2, 0.6), finish_reason="stop")
+
+
+def test_token_features_of_format_2():
+    from sage.inverse.decisions import token_features
+    from sage.inverse.observe import Observation, PromptMap
+
+    tr = _feature_trace()
+    n_prompt, n_gen = 2, 6
+    attn = np.zeros((n_gen, n_prompt + n_gen))
+    attn[5, n_prompt + 1] = 0.9  # the last query looks hard at token 1
+    attn[3:, n_prompt + 1] += 0.1
+    obs = Observation(tr, n_prompt, PromptMap(["a", "b"], np.array([True, True])), attn, attn)
+    f = token_features(obs)
+    col = FEATURES.index
+    assert f.shape == (6, len(FEATURES))
+    assert list(f[:, col("digit")]) == [0, 0, 0, 1, 1, 0]
+    assert list(f[:, col("alt_digit")]) == [0, 0, 0, 1, 1, 0]
+    # " it " reads as " it": the strongest alternative that reads differently is " this"
+    assert f[1, col("alt_prob")] == pytest.approx(0.05) and f[3, col("alt_prob")] == pytest.approx(0.4)
+    assert list(f[:, col("before_answer")]) == [1, 1, 1, 1, 1, 0]  # "." comes after "12"
+    assert list(f[:, col("chain_position")]) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert f[0, col("entropy_delta")] == 0.0 and f[2, col("entropy_delta")] == pytest.approx(0.05 - 0.4)
+    assert f[0, col("entropy_after")] == pytest.approx(np.mean([0.5, 0.05, 0.7, 0.6, 0.1]))
+    assert f[5, col("entropy_after")] == 0.0
+    # receiver concentration: the most any later row paid; the mean spreads it
+    assert f[1, col("attention_peak")] == pytest.approx(1.0)
+    assert f[1, col("attention_received")] == pytest.approx((0.1 + 0.1 + 1.0) / 4)
+    # no answer: every token counts as before it
+    tr.answer = None
+    assert token_features(obs)[:, col("before_answer")].all()
+
+
+def test_answer_features_from_the_start_distribution():
+    from sage.inverse.explain import answer_features
+    from sage.inverse.outcomes import make_outcome
+
+    tr = _feature_trace()
+    start = make_outcome(0, None, ["12", "12", "13", None, "12", "12", "14", "12"], 100, "max", "")
+    x = answer_features(tr, start)
+    col = META_FEATURES.index
+    assert x[col("logit_share")] == pytest.approx(logit(5.5 / 9))
+    assert x[col("leader_agrees")] == 1.0 and x[col("none_share")] == pytest.approx(1 / 8)
+    assert x[col("distinct")] == pytest.approx(4 / 8) and x[col("log_samples")] == pytest.approx(np.log(8))
+    assert x[col("logit_token_prob")] == pytest.approx(logit(0.6)) and x[col("cut")] == 0.0
+    # the analytic meta head gives the (smoothed) share itself
+    assert SageHeads.analytic("fp", "m", [1], 2).meta(x) == pytest.approx(5.5 / 9, abs=1e-6)
+    assert answer_features(tr, make_outcome(0, None, [], 0, "budget", "")) is None
+    tr.answer = None
+    assert answer_features(tr, start) is None
+
+
+def test_calibration_is_used_only_where_training_kept_the_meta_head():
+    import json
+
+    h = SageHeads.analytic("fp", "m", [1], 2)
+    assert not h.calibrated  # analytic: the samples' share
+    h.trained = True
+    h.info = {"meta": "samples", "metrics": json.dumps({"ece_trained": 0.04, "test_answers": 200, "test_correct": 120})}
+    assert not h.calibrated
+    h.info["meta"] = "trained"
+    assert h.calibrated and h.calibration() == {"ece": 0.04, "answers": 200.0, "right": 120.0}
+    h.info["metrics"] = json.dumps({"ece_trained": float("nan"), "test_answers": True})  # untrusted: only numbers
+    assert h.calibration() == {"ece": None, "answers": None, "right": None}

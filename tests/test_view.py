@@ -87,6 +87,38 @@ def test_the_answer_is_coloured_by_its_trust(values, word, style):
     assert any(sp.start <= value_at < sp.end and sp.style == style for sp in body.spans)
 
 
+def test_a_calibrated_estimate_carries_the_trust_and_says_how_far_it_held():
+    """Trained heads whose meta head was kept: the trust word and colour rest on its
+    estimate, which is shown with the held-out calibration; the samples' share stays."""
+    from sage.cli.ui.report import render_html
+
+    t = _sampled(make_trace(), ["12"] * 9 + ["7"])  # 90 % of the samples: high on the samples alone
+    t.analysis.answer_confidence = 0.31
+    t.analysis.calibration = {"share": 0.9, "ece": 0.043, "answers": 212, "right": 130}
+    panel = AskView.answer_panel(t)
+    assert panel.border_style == "dark_orange"  # low: 31 %
+    body = panel.renderable.plain
+    assert "low trust" in body and "high trust" not in body
+    assert "put the chance it is right at 31%" in body
+    assert "on 212 held-out answers (130 right) such estimates were off by 4 points on average (ECE 0.04)" in body
+    assert "9 of 10 samples from the problem alone reach it" in body
+    assert "nearly every time" not in body  # the samples' own meaning would contradict the word
+    out = _views(t)
+    assert out.count("put the chance it is right at 31%") >= 3  # compact, verbose, tree
+    assert "the trained heads' estimate of the chance the answer is right" in out  # the scale says what it rests on
+    page = render_html(t)
+    assert "put the chance it is right at 31%" in page and "c-unsure" in page
+    # few held-out answers: said to be rough; no calibration measured: said so
+    t.analysis.calibration = {"share": 0.9, "ece": 0.1, "answers": 30, "right": 3}
+    assert "a rough check: few answers" in AskView.answer_panel(t).renderable.plain
+    t.analysis.calibration = {"share": 0.9}
+    assert "was not measured" in AskView.answer_panel(t).renderable.plain
+    # without calibration the samples carry it, as before
+    t.analysis.calibration = None
+    t.analysis.answer_confidence = 0.9
+    assert "high trust" in AskView.answer_panel(t).renderable.plain
+
+
 def test_the_streamed_chain_wraps_between_words_in_a_terminal():
     buf = io.StringIO()
     con = Console(file=buf, theme=THEME, width=24, force_terminal=True, color_system=None)

@@ -126,12 +126,12 @@ def test_bad_ray_address(address):
 _COLLECT = """
 import sys
 from pathlib import Path
-from sage.labels import collect
+from sage.labels import LabelSettings, collect
 from sage.problems import arithmetic_problems
-items = [("arithmetic", p) for p in arithmetic_problems(int(sys.argv[3]), seed=7)]
+items = [("arithmetic", p, i % 2 == 0) for i, p in enumerate(arithmetic_problems(int(sys.argv[3]), seed=7))]
 ray = sys.argv[6] if len(sys.argv) > 6 else None
-collect(Path(sys.argv[1]), items, Path(sys.argv[2]), max_tokens=40, n_sample=2, seed=0, n_threads=int(sys.argv[4]),
-        workers=int(sys.argv[5]), ray=ray)
+s = LabelSettings.for_model("smollm2-135m", max_tokens=40, n_random=2, n_candidates=0, samples=3, alternatives=1)
+collect(Path(sys.argv[1]), items, Path(sys.argv[2]), s, n_threads=int(sys.argv[4]), workers=int(sys.argv[5]), ray=ray)
 """
 
 
@@ -197,6 +197,6 @@ def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, sm
 
 def _labelled(ex: dict) -> dict:
     """What an example says (its trace's timings aside)."""
-    keep = {k: ex[k] for k in ("prompt_tokens", "features", "labels", "meta", "confidence", "answer", "correct")}
-    keep["tokens"] = [t["id"] for t in ex["trace"]["tokens"]]
+    keep = {k: ex[k] for k in ("prompt_tokens", "in_problem", "start", "tokens", "answer", "correct")}
+    keep["chain"] = [t["id"] for t in ex["trace"]["tokens"]]
     return keep

@@ -15,9 +15,15 @@ and the attention rows the tracker recorded during generation. The stages, one m
    its alternatives (the fork score). The decision points are the measured candidates;
 4. `explain`: the explanation, each sentence from a number in the trace.
 
+With trained heads whose meta-cognitive head was kept (`SageHeads.calibrated`), the
+answer's confidence is that head's estimate of the chance the answer is right, read from
+the distribution sampled from the prompt and the chain's own uncertainty
+(`explain.answer_features`); `Analysis.calibration` keeps the samples' share beside it and
+what the sidecar measured on held-out answers.
+
 `AnalysisConfig(method="greedy")` is the earlier analysis (schema 2): the top-threshold
 tokens, one greedy rollout per alternative (`rollout`), consistency and refinement. It
-stays for `sage heads train`'s labels and the token-identity tests of KV branching.
+stays for the token-identity tests of KV branching and scripts/bench_ask.py.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 from sage.heads import SageHeads
 from sage.inverse.config import CONSISTENCY_TARGET, PROXY, AnalysisConfig
 from sage.inverse.decisions import dependencies_of, find_decisions, token_features
-from sage.inverse.explain import explain, explain_sampled, meta_features, risk
+from sage.inverse.explain import answer_features, explain, explain_sampled, risk
 from sage.inverse.forks import branch_of, forks_score, sampled_analysis
 from sage.inverse.observe import Observation, map_prompt, step_of_tokens
 from sage.inverse.rollout import rollout
@@ -103,8 +109,7 @@ def analyze(
         answer_conf = trace.answer.confidence
         for d in rolled:
             answer_conf *= 1.0 - risk(d)
-        if heads is not None and heads.trained:
-            answer_conf = heads.meta(meta_features(trace, decisions, consistency, answer_conf))
+        # (the meta-cognitive head reads sampled answers: this method has none to give it)
     timings["analysis_s"] = time.time() - t0
     return Analysis(
         heads=heads.describe() if heads is not None else "analytic (built in)",
@@ -161,10 +166,14 @@ def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_p
                                             cand_threshold, trained=trained)
         for d in decisions:
             d.dependencies = dependencies_of(d.token_index, obs)
-    answer_conf = None
+    answer_conf, calibration = None, None
     value = trace.answer.value if trace.answer else None
     if outcomes is not None and outcomes.start is not None and value is not None:
         answer_conf = outcomes.start.share_of(value)
+        x = answer_features(trace, outcomes.start)
+        if trained and heads.calibrated and x is not None:
+            calibration = {"share": answer_conf, **heads.calibration()}
+            answer_conf = heads.meta(x)
     timings["analysis_s"] = time.time() - t0
     return Analysis(
         heads=heads.describe() if heads is not None else "analytic (built in)",
@@ -180,9 +189,11 @@ def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_p
         refined=False,
         notes=notes,
         answer_confidence=answer_conf,
-        explanation=explain_sampled(trace, decisions, outcomes, cfg.fork_threshold, trained),
+        explanation=explain_sampled(trace, decisions, outcomes, cfg.fork_threshold, trained,
+                                    (answer_conf, calibration) if calibration is not None else None),
         timings=timings,
         outcomes=outcomes,
+        calibration=calibration,
     )
 
 
@@ -213,5 +224,5 @@ def _measured_decisions(trace, obs, cfg, gen_sig, best, proposal, measured, fork
 
 __all__ = [
     "AnalysisConfig", "Observation", "analyze", "map_prompt", "token_features", "find_decisions", "rollout",
-    "explain", "meta_features", "risk", "PROXY", "CONSISTENCY_TARGET",
+    "explain", "answer_features", "risk", "PROXY", "CONSISTENCY_TARGET",
 ]

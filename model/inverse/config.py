@@ -26,7 +26,7 @@ class AnalysisConfig:
     rollout_total: int | None = None
     batch_rollouts: bool = False  # one llama_decode for all branches of a decision (faster, not bit-exact)
     # "sampled": outcome distributions (sage.inverse.forks); "greedy": one greedy rollout
-    # per alternative at the top-threshold tokens (schema 2; heads training, identity tests)
+    # per alternative at the top-threshold tokens (schema 2; identity tests, bench_ask)
     method: str = "sampled"
     # --- sampled outcome distributions (sage.inverse.forks) ---
     sampling: SamplingSettings = field(default_factory=SamplingSettings)

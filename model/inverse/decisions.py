@@ -7,6 +7,7 @@ import numpy as np
 
 from sage.heads import FEATURES
 from sage.inverse.config import AnalysisConfig, is_choice
+from sage.inverse.forks import distinct_alternatives
 from sage.inverse.observe import Observation, step_of_tokens
 from sage.kernels.reference import normalize_max
 from sage.trace import Decision, Dependency, Trace
@@ -20,27 +21,45 @@ def token_features(obs: Observation, sig: np.ndarray | None = None) -> np.ndarra
     attn, vattn = obs.attn, obs.vattn
     n_gen = len(trace.tokens)
     f = np.zeros((n_gen, len(FEATURES)), np.float32)
+    col = FEATURES.index
     gen_sig = sig[:, n_prompt : n_prompt + n_gen]
-    f[:, FEATURES.index("significance")] = gen_sig.max(axis=0) if len(trace.steps) else 0.0
+    f[:, col("significance")] = gen_sig.max(axis=0) if len(trace.steps) else 0.0
+    ans_end = trace.answer.char_end if trace.answer is not None and trace.answer.value is not None else None
+    offset = 0
     for k, t in enumerate(trace.tokens):
-        f[k, FEATURES.index("entropy")] = t.entropy
-        f[k, FEATURES.index("varentropy")] = t.varentropy
-        f[k, FEATURES.index("prob")] = t.prob
-        f[k, FEATURES.index("margin")] = t.top[0].prob - (t.top[1].prob if len(t.top) > 1 else 0.0)
+        f[k, col("entropy")] = t.entropy
+        f[k, col("varentropy")] = t.varentropy
+        f[k, col("prob")] = t.prob
+        f[k, col("margin")] = t.top[0].prob - (t.top[1].prob if len(t.top) > 1 else 0.0)
+        alts = distinct_alternatives(t)
+        f[k, col("alt_prob")] = alts[0].prob if alts else 0.0
+        f[k, col("digit")] = float(any(c.isdigit() for c in t.text))
+        f[k, col("alt_digit")] = float(bool(alts) and any(c.isdigit() for c in alts[0].text))
+        f[k, col("before_answer")] = float(ans_end is None or offset < ans_end)
+        offset += len(t.text)
+    if n_gen:
+        ent = np.array([t.entropy for t in trace.tokens], np.float64)
+        csum = np.r_[0.0, np.cumsum(ent)]
+        idx = np.arange(n_gen)
+        lo, hi = np.maximum(idx - 8, 0), np.minimum(idx + 9, n_gen)
+        before = np.where(idx > lo, (csum[idx] - csum[lo]) / np.maximum(idx - lo, 1), ent)
+        f[:, col("entropy_delta")] = ent - before
+        f[:, col("entropy_after")] = np.where(hi > idx + 1, (csum[hi] - csum[idx + 1]) / np.maximum(hi - idx - 1, 1), 0.0)
+        f[:, col("chain_position")] = idx / max(n_gen - 1, 1)
     # rows r > k are the queries at positions >= the token's own
     cols = n_prompt + np.arange(n_gen)
     a = attn[:n_gen][:, cols]  # (rows, tokens)
     v = vattn[:n_gen][:, cols]
     later = np.triu(np.ones((n_gen, n_gen), bool), k=1).T  # later[r, k] = r > k
     n_later = np.maximum(later.sum(axis=0), 1)
-    f[:, FEATURES.index("attention_received")] = (a * later).sum(axis=0) / n_later
-    f[:, FEATURES.index("value_received")] = (v * later).sum(axis=0) / n_later
+    f[:, col("attention_received")] = (a * later).sum(axis=0) / n_later
+    f[:, col("value_received")] = (v * later).sum(axis=0) / n_later
+    f[:, col("attention_peak")] = (a * later).max(axis=0) if n_gen else 0.0
     for st in trace.steps:
         n = st.token_end - st.token_start
         if n > 0:
-            f[st.token_start : st.token_end, FEATURES.index("position")] = np.arange(n) / max(n - 1, 1)
+            f[st.token_start : st.token_end, col("position")] = np.arange(n) / max(n - 1, 1)
     return f
-
 
 
 def find_decisions(

@@ -6,18 +6,27 @@ from __future__ import annotations
 import numpy as np
 
 from sage.heads import META_FEATURES, logit
-from sage.trace import Decision, Explanation, Trace
+from sage.trace import Decision, Explanation, Outcome, Trace
 
 
-def meta_features(trace: Trace, decisions: list[Decision], consistency: float | None, conf: float) -> np.ndarray:
-    """Answer features of the meta-cognitive head, in the order of META_FEATURES."""
+def answer_features(trace: Trace, start: Outcome | None) -> np.ndarray | None:
+    """Answer features of the meta-cognitive head, in the order of META_FEATURES: the
+    answers sampled from the problem alone (`start`) against the chain's answer, and the
+    chain's own uncertainty. None without an answer or without samples."""
+    a = trace.answer
+    if a is None or a.value is None or start is None or start.n == 0:
+        return None
     x = np.zeros(len(META_FEATURES), np.float32)
-    x[0] = logit(conf)
-    x[1] = 1.0 - float(np.prod([1.0 - risk(d) for d in decisions])) if decisions else 0.0
-    x[2] = consistency if consistency is not None else 0.0
-    x[3] = float(np.mean([t.entropy for t in trace.tokens])) if trace.tokens else 0.0
-    x[4] = len(decisions)
-    x[5] = 1.0 if trace.answer and trace.answer.value is not None else 0.0
+    col = META_FEATURES.index
+    n, k = start.n, start.count(a.value)
+    x[col("logit_share")] = logit((k + 0.5) / (n + 1.0))
+    x[col("leader_agrees")] = float(start.leader == a.value)
+    x[col("none_share")] = start.none / n
+    x[col("distinct")] = (len(start.answers) + (1 if start.none else 0)) / n
+    x[col("log_samples")] = float(np.log(n))
+    x[col("logit_token_prob")] = logit(a.confidence) if a.confidence is not None else 0.0
+    x[col("mean_entropy")] = float(np.mean([t.entropy for t in trace.tokens])) if trace.tokens else 0.0
+    x[col("cut")] = float(trace.finish_reason == "length")
     return x
 
 
@@ -101,9 +110,10 @@ def dist_words(o) -> str:
 
 
 def explain_sampled(trace: Trace, decisions: list[Decision], outcomes, fork_threshold: float,
-                    trained: bool = False) -> Explanation:
+                    trained: bool = False, calibrated: tuple[float, dict] | None = None) -> Explanation:
     """The explanation of the sampled analysis: every sentence names the distribution
-    (answers and sample counts) it rests on."""
+    (answers and sample counts) it rests on. calibrated: (the meta-cognitive head's
+    P(right), the sidecar's held-out calibration) where the trained heads gave one."""
     just, alts, confs, deps = [], [], [], []
     value = trace.answer.value if trace.answer else None
     open_question = trace.answer is not None and trace.answer.expected == "open"
@@ -159,8 +169,17 @@ def explain_sampled(trace: Trace, decisions: list[Decision], outcomes, fork_thre
                 lo, hi = wilson(k, s.n)
                 confs.append(
                     f"From the problem alone, the model reached {value} in {k} of {s.n} samples "
-                    f"({k / s.n:.0%}; 90 % interval {lo:.0%}–{hi:.0%}): that share is the answer's confidence."
+                    f"({k / s.n:.0%}; 90 % interval {lo:.0%}–{hi:.0%})"
+                    + ("." if calibrated else ": that share is the answer's confidence.")
                 )
+                if calibrated:
+                    p, cal = calibrated
+                    held = (f"; on {cal['answers']:.0f} held-out answers its estimates were off by "
+                            f"{cal['ece']:.2f} on average (ECE)" if cal.get("ece") is not None and cal.get("answers")
+                            else "")
+                    confs.append(f"The trained meta-cognitive head, reading those samples and the chain's own "
+                                 f"uncertainty, puts the chance the answer is right at {p:.0%}{held}: that is the "
+                                 "answer's confidence.")
             confs.append(f"All answers from the problem alone: {dist_words(s)}.")
             if s.leader is not None and s.leader != value and s.answers[0].n > 1:
                 confs.append(f"The most frequent answer of the samples is {s.leader} "

@@ -1,23 +1,32 @@
-"""`sage heads train`: SAGE heads learned from the model's own counterfactual rollouts.
+"""`sage heads train`: SAGE heads learned from outcome distributions the model samples.
 
-1. collect: every problem is answered greedily with tracking on (the default tracked
-   layers, all heads). Candidate tokens are those with a plausible alternative; the
-   analytic pipeline's decision points (their 2 strongest alternatives) and a seeded
-   random sample of the other candidates (their strongest alternative) are rolled out
-   on KV branches. Decision label of a token: the answer changes under the alternative.
-   Confidence label of a chain: the answer is right. Labels are saved as JSON lines and
-   reused (sage.labels, over worker processes or Ray actors: --workers, --ray).
+1. collect (sage.labels, over worker processes or Ray actors: --workers, --ray): every
+   problem answered greedily, as `sage ask` answers it; the answers sampled from the
+   problem alone, as `sage ask` samples them; on the fork problems, at the analytic
+   candidates and at a seeded random sample of all tokens with a plausible alternative,
+   the outcome distributions of the chosen token and its alternatives, with a seed of
+   their own. A token's label: it is a fork (fork score >= 0.3 with permutation p < 0.1,
+   sage's own rule, on these samples). An answer's label: it is right.
 2. tracking heads: the torch reference model of the same GGUF gives every (layer, head)
    attention row; each head is scored by the AUROC of the value-weighted attention the
-   labelled tokens receive; the best few heads (in at most a few layers) are kept,
-   weighted by their AUROC above chance.
-3. inverse analysis layer: the transformer of model/heads.py, started from its analytic
+   labelled tokens receive against the fork labels; the best few heads (in at most a few
+   layers) are kept, weighted by their AUROC above chance.
+3. inverse analysis layer: the transformer of sage.heads, started from its analytic
    initialization (the eq. 7 significance passed through), trained on the token features
-   under the chosen heads, with early stopping on a validation split.
-4. meta-cognitive head: ridge logistic regression over the answer features.
-5. evaluation on held-out problems, as `sage ask` runs: regenerated through llama.cpp
-   with the trained sidecar's tracker, scored with the numpy heads: decision AUROC
-   (analytic vs trained) and confidence ECE (analytic vs trained).
+   under the chosen heads (class-balanced cross-entropy on the fork labels) for the number
+   of epochs whose out-of-fold AUROC (5 folds of the training chains) was best, the
+   analytic start (0 epochs) included; its threshold is the one of best balanced accuracy
+   (Youden's J) out of fold. The same training on feature subsets is the ablation.
+4. meta-cognitive head: ridge logistic regression over the answer features (the sampled
+   answers against the chain's, the chain's uncertainty); `sage ask` uses it only where
+   its out-of-fold predictions on the training answers are better calibrated than the
+   samples' share.
+5. evaluation on held-out problems, as `sage ask` runs: chains regenerated through
+   llama.cpp with the trained sidecar's tracker and with the analytic one, scored with the
+   numpy heads, against the labels' independent samples: proposal AUROC on the random
+   tokens (trained, analytic, entropy alone, each ablation), recall of the true forks
+   among the candidates sage measures by default, answer-confidence ECE and AUROC
+   (trained, samples' share, entropy alone, token probability).
 
 Imports torch (training only; `sage ask` reads the result with numpy).
 """
@@ -25,7 +34,6 @@ Imports torch (training only; `sage ask` reads the result with numpy).
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,45 +42,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sage.problems import Problem, arithmetic_problems, data_file, load_problems
 from sage.engine import Engine
 from sage.errors import SageError
-from sage.heads import FEATURES, InverseLayer, MetaHead, SageHeads, fingerprint
-from sage.inverse import token_features
-from sage.inverse.observe import Observation, PromptMap
-from sage.labels import Example, collect
+from sage.heads import FEATURE_GROUPS, FEATURES, META_FEATURES, InverseLayer, MetaHead, SageHeads, fingerprint
+from sage.inverse import AnalysisConfig, token_features
+from sage.inverse.explain import answer_features
+from sage.inverse.forks import candidates_in
+from sage.inverse.observe import Observation, PromptMap, step_of_tokens
+from sage.labels import Example, LabelSettings, analytic_proposal, collect, is_fork, plan, training_problems
 from sage.reason import ReasonRun
 
-
-# --- problems --------------------------------------------------------------------------------
-
-
-def training_problems(n: int, seed: int, holdout: float) -> tuple[list[tuple[str, Problem]], list[tuple[str, Problem]]]:
-    """(train, held-out): half GSM8K-train problems (a seeded sample of the file
-    sage.problems.data_file finds: $SAGE_DATA, ../shared/data or the shipped sample),
-    half generated arithmetic problems, split by a seeded shuffle; each item is
-    (source, problem)."""
-    if n < 4:
-        raise SageError("training needs at least 4 problems (some to train on, some held out)")
-    if not 0.0 < holdout < 1.0:
-        raise SageError("the held-out share must be between 0 and 1")
-    path, where = data_file("gsm8k")
-    gsm = load_problems(path)
-    rng = random.Random(seed)
-    n_gsm = n // 2
-    if n_gsm > len(gsm):
-        raise SageError(f"{n} problems need {n_gsm} GSM8K problems, and {path} ({where}) holds {len(gsm)}; "
-                        "ask for fewer, or set $SAGE_DATA to a folder with the full gsm8k_train.jsonl")
-    # a seed of its own for the sample, far from the bench's default sample (seed 0)
-    picks = rng.sample(range(len(gsm)), n_gsm)
-    items = [("gsm8k", gsm[i]) for i in picks]
-    items += [("arithmetic", p) for p in arithmetic_problems(n - n_gsm, seed=1000 + seed)]
-    rng.shuffle(items)
-    n_test = max(1, round(n * holdout))
-    return items[n_test:], items[:n_test]
-
-
-# --- 1. labels: sage.labels (torch-free, so label workers never import torch) ------------
+__all__ = ["training_problems"]  # re-exported: the CLI checks the data before the long part
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -107,6 +87,14 @@ def ece(probs, labels, bins: int = 10) -> float:
         if m.any():
             err += m.sum() / len(p) * abs(p[m].mean() - y[m].mean())
     return float(err)
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+
+def labelled(ex: Example, kinds: tuple[str, ...] = ("candidate", "random")) -> list[dict]:
+    """The example's token labels that have a fork score, of the given kinds."""
+    return [lab for lab in ex.tokens or [] if lab["fork"] is not None and lab["kind"] in kinds]
 
 
 # --- 2. tracking heads -----------------------------------------------------------------------
@@ -156,15 +144,15 @@ def head_rows(model: torch.nn.Module, ex: Example, layers: list[int]) -> HeadRow
 
 def head_scores(rows: list[HeadRows], examples: list[Example]) -> np.ndarray:
     """(L, nh) AUROC of each head's value-weighted attention received by the labelled
-    tokens (mean over the rows after the token's own query) against the decision labels."""
+    tokens (mean over the rows after the token's own query) against their fork labels."""
     per, ys = [], []
     for r, ex in zip(rows, examples):
         n_prompt = len(ex.prompt_tokens)
-        for lab in ex.labels:
+        for lab in labelled(ex):
             k = lab["token"]
             later = r.probs[:, :, k + 2 :, n_prompt + k] * r.vnorm[:, :, None, n_prompt + k]
             per.append(later.mean(axis=2) if later.shape[2] else np.zeros(r.probs.shape[:2]))
-            ys.append(lab["label"])
+            ys.append(is_fork(lab))
     x = np.stack(per)  # (n_labels, L, nh)
     y = np.array(ys, bool)
     return np.array([[auroc(x[:, li, h], y) for h in range(x.shape[2])] for li in range(x.shape[1])])
@@ -185,8 +173,8 @@ def select_heads(scores: np.ndarray, layers: list[int], k: int, max_layers: int)
             used.append(int(li))
         picked.append((int(li), int(h)))
     if not picked:
-        raise SageError("no attention head ranks decision points better than chance on these labels; "
-                        "collect more problems (--n)")
+        raise SageError("no attention head ranks forks better than chance on these labels; "
+                        "collect more problems (--n-problems)")
     used.sort()
     w = np.zeros((len(used), scores.shape[1]), np.float32)
     for li, h in picked:
@@ -258,7 +246,17 @@ class TorchInverse(torch.nn.Module):
                                 float(self.bias), sigmoid=True, b_in=b.numpy().astype(np.float32))
 
 
+def feature_mask(groups: tuple[str, ...] | None = None) -> np.ndarray:
+    """(F,) bool: the features of these FEATURE_GROUPS (None: all)."""
+    if groups is None:
+        return np.ones(len(FEATURES), bool)
+    names = {n for g in groups for n in FEATURE_GROUPS[g]}
+    return np.array([n in names for n in FEATURES])
+
+
 def _batch(feats: list[np.ndarray], labels: list[list[dict]]):
+    """Padded (B, T, F) features, (B, T) real-token mask, (B, T) targets, (B, T) labelled
+    mask; a label is {"token": k, "label": 0/1}."""
     n, t = len(feats), max(len(f) for f in feats)
     x = np.zeros((n, t, len(FEATURES)), np.float32)
     mask = np.zeros((n, t), bool)
@@ -273,42 +271,77 @@ def _batch(feats: list[np.ndarray], labels: list[list[dict]]):
     return torch.tensor(x), torch.tensor(mask), torch.tensor(y), torch.tensor(lm)
 
 
-def train_inverse(feats: list[np.ndarray], labels: list[list[dict]], val: int, *, depth: int, width: int,
-                  epochs: int, seed: int, lr: float = 3e-3) -> tuple[InverseLayer, dict]:
-    """Train on all but the last `val` chains, keep the epoch of best validation AUROC."""
+def _fit(feats, labels, *, depth, width, epochs, seed, lr, watch=None):
+    """Train one TorchInverse on (feats, labels) for `epochs` epochs (full batch, AdamW,
+    class-balanced cross-entropy); watch: (feats, labels) whose labelled tokens' logits
+    are recorded after every epoch, (epochs + 1, n) with the start as row 0."""
     torch.manual_seed(seed)
-    allx = np.concatenate([f for f in feats[: len(feats) - val] if len(f)])
+    allx = np.concatenate([f for f in feats if len(f)])
     mu, sd = allx.mean(axis=0), allx.std(axis=0) + 1e-6
     net = TorchInverse(depth, width, mu, sd, seed)
-    xt, mt, yt, lt = _batch(feats[: len(feats) - val], labels[: len(feats) - val])
-    xv, mv, yv, lv = _batch(feats[len(feats) - val :], labels[len(feats) - val :])
+    xt, mt, yt, lt = _batch(feats, labels)
     n_pos = float(yt[lt].sum())
     pos_weight = torch.tensor((float(lt.sum()) - n_pos) / max(n_pos, 1.0))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-3)
-    with torch.no_grad():
-        start = auroc(net(xv, mv)[lv].numpy(), yv[lv].numpy().astype(bool))
-    # epoch 0 (the analytic start) is a candidate too: training must beat it on validation
-    best = (start if start == start else -1.0, 0, {k: v.detach().clone() for k, v in net.state_dict().items()})
-    for ep in range(epochs):
-        net.train()
+    seen = []
+    if watch is not None:
+        xv, mv, _, lv = _batch(*watch)
+        with torch.no_grad():
+            seen.append(net(xv, mv)[lv].numpy())
+    for _ in range(epochs):
         opt.zero_grad()
         out = net(xt, mt)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(out[lt], yt[lt], pos_weight=pos_weight)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            a = auroc(net(xv, mv)[lv].numpy(), yv[lv].numpy().astype(bool))
-        if a > best[0]:
-            best = (a, ep + 1, {k: v.detach().clone() for k, v in net.state_dict().items()})
-    net.load_state_dict(best[2])
-    with torch.no_grad():
-        pv = torch.sigmoid(net(xv, mv)[lv]).numpy()
+        if watch is not None:
+            with torch.no_grad():
+                seen.append(net(xv, mv)[lv].numpy())
+    return net, (np.stack(seen) if seen else None)
+
+
+def train_inverse(feats: list[np.ndarray], labels: list[list[dict]], *, depth: int, width: int, epochs: int,
+                  seed: int, folds: int = 5, lr: float = 3e-3, keep: np.ndarray | None = None) -> tuple[InverseLayer, dict]:
+    """The inverse layer trained on every chain for the number of epochs (0 = its analytic
+    start .. epochs) whose out-of-fold AUROC was best: the chains are split into `folds`
+    (seeded), each fold scored by a layer trained on the others after every epoch, and
+    the folds' scores pooled. The threshold: best balanced accuracy (Youden's J) of the
+    out-of-fold scores at that epoch. labels: per chain [{"token": k, "label": 0/1}].
+    keep: (F,) bool, the features it may use (the others are held at 0: the ablation)."""
+    if keep is not None:
+        feats = [f * keep[None, :].astype(np.float32) for f in feats]
+    args = dict(depth=depth, width=width, seed=seed, lr=lr)
+    idx = np.random.default_rng(seed).permutation(len(feats))
+    folds = max(2, min(folds, len(feats)))
+    oof, ys = [], []
+    for f in range(folds):
+        va = set(idx[f::folds].tolist())
+        tr = [i for i in range(len(feats)) if i not in va]
+        vl = sorted(va)
+        if not tr or not any(labels[i] for i in vl):
+            continue
+        _, seen = _fit([feats[i] for i in tr], [labels[i] for i in tr], epochs=epochs,
+                       watch=([feats[i] for i in vl], [labels[i] for i in vl]), **args)
+        oof.append(seen)  # (epochs + 1, n_val labels of this fold)
+        ys += [lab["label"] for i in vl for lab in sorted(labels[i], key=lambda x: x["token"])]
+    y = np.array(ys, bool)
+    if oof:
+        scores = np.concatenate(oof, axis=1)  # (epochs + 1, all out-of-fold labels)
+        curve = np.array([auroc(sc, y) for sc in scores])
+        curve = np.nan_to_num(curve, nan=-1.0)
+        best = int(np.argmax(curve))  # the earliest of the best
+        cv, thr = float(curve[best]), youden_threshold(1.0 / (1.0 + np.exp(-scores[best])), y)
+        start = float(curve[0])
+    else:
+        best, cv, thr, start = 0, float("nan"), 0.5, float("nan")
+    net, _ = _fit(feats, labels, epochs=best, **args)
     layer = net.export()
-    # threshold: best balanced accuracy (Youden's J = TPR - FPR) on validation; F1 would
-    # pick "everything is a decision point" whenever most labels are positive (they are)
-    thr = youden_threshold(pv, yv[lv].numpy().astype(bool))
-    return layer, {"val_auroc_start": start, "val_auroc": best[0], "epoch": best[1], "threshold": thr,
-                   "train_labels": int(lt.sum()), "train_positive": int(n_pos), "val_labels": int(lv.sum())}
+    if keep is not None:  # the held-at-0 features get no weight in the exported layer
+        layer.w_in = layer.w_in * keep[:, None].astype(np.float32)
+    n_lab = sum(len(x) for x in labels)
+    n_pos = sum(lab["label"] for x in labels for lab in x)
+    return layer, {"cv_auroc_start": start if start != -1.0 else float("nan"), "cv_auroc": cv if cv != -1.0 else float("nan"),
+                   "epoch": best, "threshold": thr, "train_labels": int(n_lab), "train_positive": int(n_pos)}
 
 
 def youden_threshold(p: np.ndarray, y: np.ndarray) -> float:
@@ -341,8 +374,46 @@ def train_meta(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> MetaHead:
         w -= step
         if np.abs(step).max() < 1e-8:
             break
-    wf = w[:-1] / sd
-    return MetaHead(wf.astype(np.float32), float(w[-1] - (mu / sd) @ w[:-1]))
+    wf = np.where(x.std(axis=0) > 1e-9, w[:-1] / sd, 0.0)
+    return MetaHead(wf.astype(np.float32), float(w[-1] - (mu / sd * (x.std(axis=0) > 1e-9)) @ w[:-1]))
+
+
+def only(x: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """x with every answer feature but `names` held at 0 (a baseline of fewer features)."""
+    keep = np.array([n in names for n in META_FEATURES])
+    return x * keep[None, :]
+
+
+def answer_rows(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, list[Example]]:
+    """(X, y, examples) of the examples with an answer and samples from the start."""
+    xs, ys, used = [], [], []
+    for e in examples:
+        x = answer_features(e.get_trace(), e.start_outcome()) if e.start["values"] else None
+        if x is not None:
+            xs.append(x)
+            ys.append(float(e.correct))
+            used.append(e)
+    return (np.array(xs).reshape(-1, len(META_FEATURES)), np.array(ys), used)
+
+
+def fit_meta(x: np.ndarray, y: np.ndarray, share: np.ndarray, seed: int, folds: int = 5,
+             least: int = 30) -> tuple[MetaHead, bool, dict]:
+    """The meta head on all training answers, and whether `sage ask` should use it: its
+    out-of-fold predictions (`folds`-fold, seeded) must be better calibrated (ECE) than the
+    samples' share (`share`, what sage ask shows otherwise). Fewer than `least` answers:
+    the analytic head, unused."""
+    info: dict = {"meta_cv_answers": int(len(y))}
+    if len(y) < least:
+        return MetaHead.analytic(), False, info
+    idx = np.random.default_rng(seed).permutation(len(y))
+    pred = np.zeros(len(y))
+    for f in range(folds):
+        va = idx[f::folds]
+        tr = np.setdiff1d(idx, va)
+        head = train_meta(x[tr], y[tr])
+        pred[va] = [head(r) for r in x[va]]
+    info.update(meta_cv_ece=ece(pred, y), meta_cv_ece_share=ece(share, y))
+    return train_meta(x, y), bool(info["meta_cv_ece"] < info["meta_cv_ece_share"]), info
 
 
 # --- the whole command -----------------------------------------------------------------------
@@ -352,11 +423,16 @@ def train_meta(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> MetaHead:
 class TrainSettings:
     model_path: Path
     base_name: str
+    preset: str | None = None
     n: int = 64
     holdout: float = 0.25
     seed: int = 0
     max_tokens: int = 160
-    n_sample: int = 4  # random candidate tokens rolled out per chain, beside the analytic decisions
+    n_sample: int = 3  # random tokens labelled per fork problem (of those with a plausible alternative)
+    n_candidates: int = 1  # analytic candidates labelled per fork problem
+    samples: int = 8  # per distribution at a labelled token
+    alternatives: int = 2  # alternatives sampled at a labelled token
+    fork_problems: int | None = None  # problems with token labels (None: all)
     depth: int = 6
     width: int = 16
     epochs: int = 300
@@ -366,6 +442,12 @@ class TrainSettings:
     workers: int | None = 1  # label collection's worker processes (sage.workers)
     ray: str | None = None  # or Ray actors at this address
     labels: Path | None = None
+    ablation: bool = True  # also train on feature subsets and report them
+
+    def label_settings(self) -> LabelSettings:
+        return LabelSettings.for_model(self.preset, max_tokens=self.max_tokens, n_random=self.n_sample,
+                                       n_candidates=self.n_candidates, samples=self.samples,
+                                       alternatives=self.alternatives, seed=self.seed)
 
 
 @dataclass
@@ -374,30 +456,101 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def held_out_scores(heads: SageHeads, s: TrainSettings, examples: list[Example]) -> tuple[list, list, list, int]:
-    """Regenerate held-out chains through llama.cpp tracking with the trained heads (as
-    `sage ask` does) and score their labelled tokens and answers with the numpy heads."""
-    eng = Engine(s.model_path, n_ctx=2048, n_threads=s.n_threads, track=True, heads=heads)
-    scores, ys, meta, differ = [], [], [], 0
+def _regenerate(eng: Engine, ex: Example, max_tokens: int):
+    """The example's chain generated again on eng (as `sage ask` generates it): (trace,
+    observation), or None where llama.cpp chose another token somewhere (counted)."""
+    run = ReasonRun(eng, ex.problem.text, max_tokens=max_tokens)
+    for _ in run:
+        pass
+    tr = run.trace
+    if [t.id for t in tr.tokens] != [t["id"] for t in ex.trace["tokens"]]:
+        return None
+    return tr, Observation.from_engine(eng, tr, run.prompt_tokens)
+
+
+def _recall(trace, scores: np.ndarray, threshold: float, cfg: AnalysisConfig, k: int) -> bool:
+    """Whether token k is among the candidates sage measures when its step is an anchor
+    (sage.inverse.forks.candidates_in: the heads' best per_anchor at or above the
+    threshold, and the most uncertain token)."""
+    step = int(step_of_tokens(trace)[k])
+    return k in candidates_in(trace, range(step, step + 1), scores, cfg, threshold)
+
+
+def _entropy_recall(trace, cfg: AnalysisConfig, k: int) -> bool:
+    """The same number of candidates, by entropy alone."""
+    from sage.inverse.config import is_choice
+
+    step = int(step_of_tokens(trace)[k])
+    st = trace.steps[step]
+    ks = [j for j in range(st.token_start, st.token_end) if is_choice(trace.tokens[j], cfg.min_alt_prob)]
+    top = sorted(ks, key=lambda j: (-trace.tokens[j].entropy, j))[: cfg.per_anchor + 1]
+    return k in top
+
+
+def evaluate(heads: SageHeads, s: TrainSettings, forks: list[Example], answers: list[Example],
+             variants: dict[str, InverseLayer], entropy_meta: MetaHead) -> dict:
+    """Held-out metrics as `sage ask` runs (module docstring, step 5)."""
+    cfg = AnalysisConfig()
+    n_seq = cfg.n_seq_max()
+    rows = []  # per random token: fork label, fork score, scores, recalls
+    differ = 0
+    trained_eng = Engine(s.model_path, n_ctx=8192, n_threads=s.n_threads, track=True, heads=heads, n_seq_max=n_seq)
+    analytic_eng = Engine(s.model_path, n_ctx=8192, n_threads=s.n_threads, track=True, n_seq_max=n_seq)
     try:
-        for ex in examples:
-            run = ReasonRun(eng, ex.problem.text, max_tokens=s.max_tokens)
-            for _ in run:
-                pass
-            tr = run.trace
-            old = ex.get_trace()
-            if [t.id for t in tr.tokens] != [t.id for t in old.tokens]:
-                differ += 1  # cannot happen with greedy decoding; counted, never hidden
+        for ex in forks:
+            got_t = _regenerate(trained_eng, ex, s.max_tokens)
+            got_a = _regenerate(analytic_eng, ex, s.max_tokens)
+            if got_t is None or got_a is None:
+                differ += 1  # cannot happen with greedy decoding on one build; counted, never hidden
                 continue
-            sc = heads.inverse(token_features(Observation.from_engine(eng, tr, run.prompt_tokens)))
-            for lab in ex.labels:
-                scores.append(float(sc[lab["token"]]))
-                ys.append((lab["label"], lab["sampled"]))
-            if ex.confidence is not None:
-                meta.append((heads.meta(np.array(ex.meta, np.float32)), ex.confidence, ex.correct))
+            (tr, obs_t), (_, obs_a) = got_t, got_a
+            f_t = token_features(obs_t)
+            trained = np.asarray(heads.inverse(f_t), np.float64)
+            analytic = analytic_proposal(obs_a)
+            var = {name: np.asarray(layer(f_t), np.float64) for name, layer in variants.items()}
+            for lab in labelled(ex, ("random",)):
+                k = lab["token"]
+                rows.append({
+                    "fork": is_fork(lab), "score": lab["fork"], "trained": trained[k], "analytic": analytic[k],
+                    "entropy": tr.tokens[k].entropy, **{f"v:{n}": v[k] for n, v in var.items()},
+                    "recall_trained": _recall(tr, trained, heads.threshold, cfg, k),
+                    "recall_analytic": _recall(tr, analytic, cfg.threshold, cfg, k),
+                    "recall_entropy": _entropy_recall(tr, cfg, k),
+                })
     finally:
-        eng.close()
-    return scores, ys, meta, differ
+        trained_eng.close()
+        analytic_eng.close()
+    if differ:
+        raise SageError(f"{differ} held-out chains regenerated differently from their labels; the labels "
+                        "are for another build of the model or of llama.cpp: remove the labels file")
+    y = np.array([r["fork"] for r in rows], bool)
+    m: dict = {"test_fork_problems": len(forks), "test_random_tokens": len(rows), "test_random_forks": int(y.sum())}
+    for name in ("trained", "analytic", "entropy"):
+        m[f"auroc_{name}"] = auroc([r[name] for r in rows], y)
+        m[f"recall_{name}"] = float(np.mean([r[f"recall_{name}"] for r in rows if r["fork"]])) if y.any() else None
+    m["ablation"] = {n: auroc([r[f"v:{n}"] for r in rows], y) for n in variants}
+
+    x, yc, used = answer_rows(answers)
+    share = [e.start_outcome().share_of(e.answer) for e in used]  # what `sage ask` reports without a meta head
+    tok = [1 / (1 + np.exp(-r[META_FEATURES.index("logit_token_prob")])) for r in x]
+    pred = [heads.meta(r) for r in x]
+    ent = [entropy_meta(r) for r in x]
+    m.update({
+        "test_answers": int(len(yc)), "test_correct": int(yc.sum()),
+        "ece_trained": ece(pred, yc), "ece_share": ece(share, yc), "ece_entropy": ece(ent, yc),
+        "ece_token_prob": ece(tok, yc),
+        "auroc_conf_trained": auroc(pred, yc), "auroc_conf_share": auroc(share, yc),
+        "auroc_conf_entropy": auroc(ent, yc), "auroc_conf_token_prob": auroc(tok, yc),
+    })
+    return m
+
+
+def _nan_to_none(v):
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    return v
 
 
 def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None) -> TrainResult:
@@ -409,21 +562,22 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
     emit = on_event or (lambda kind, info: None)
     torch.set_num_threads(s.n_threads or default_threads())
     t_start = time.time()
-    train_items, test_items = training_problems(s.n, s.seed, s.holdout)
+    items, n_train, order = plan(s.n, s.seed, s.holdout, s.fork_problems)
     if s.labels is None:
         raise SageError("no labels file given")
-    labels_path = s.labels
-    emit("collect", {"n": s.n, "path": str(labels_path)})
-    examples = collect(s.model_path, train_items + test_items, labels_path, max_tokens=s.max_tokens,
-                       n_sample=s.n_sample, seed=s.seed, n_threads=s.n_threads, workers=s.workers, ray=s.ray,
-                       on_problem=lambda ex: emit("problem", {"correct": ex.correct, "labels": len(ex.labels)}))
+    emit("collect", {"n": s.n, "path": str(s.labels)})
+    examples = collect(s.model_path, items, s.labels, s.label_settings(), order=order, n_threads=s.n_threads,
+                       workers=s.workers, ray=s.ray,
+                       on_problem=lambda ex: emit("problem", {"correct": ex.correct,
+                                                              "labels": len(ex.tokens or [])}))
     t_collect = time.time()
-    tr_ex = [e for e in examples[: len(train_items)] if e.trace["tokens"]]
-    te_ex = [e for e in examples[len(train_items) :] if e.trace["tokens"]]
-    n_lab = sum(len(e.labels) for e in tr_ex)
-    n_pos = sum(lab["label"] for e in tr_ex for lab in e.labels)
+    tr_all, te_all = examples[:n_train], examples[n_train:]
+    tr_ex = [e for e in tr_all if labelled(e)]
+    te_forks = [e for e in te_all if labelled(e, ("random",))]
+    n_lab = sum(len(labelled(e)) for e in tr_ex)
+    n_pos = sum(is_fork(lab) for e in tr_ex for lab in labelled(e))
     if n_pos == 0 or n_pos == n_lab:
-        raise SageError(f"the {n_lab} training labels are all of one class; collect more problems (--n)")
+        raise SageError(f"the {n_lab} training labels are all of one class; collect more problems (--n-problems)")
 
     # 2. tracking heads, on the torch reference model of the same GGUF
     emit("heads", {})
@@ -449,57 +603,48 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
         prompt = PromptMap([""] * len(e.in_problem), np.array(e.in_problem, bool))
         feats.append(token_features(Observation(e.get_trace(), len(e.prompt_tokens), prompt, attn, vattn)))
     del rows
-    n_val = max(1, len(tr_ex) // 5)
-    inverse, fit = train_inverse(feats, [e.labels for e in tr_ex], n_val, depth=s.depth, width=s.width,
-                                 epochs=s.epochs, seed=s.seed)
+    targets = [[{"token": lab["token"], "label": int(is_fork(lab))} for lab in labelled(e)] for e in tr_ex]
+    fit_args = dict(depth=s.depth, width=s.width, epochs=s.epochs, seed=s.seed)
+    inverse, fit = train_inverse(feats, targets, **fit_args)
+    variants: dict[str, InverseLayer] = {}
+    if s.ablation:
+        groups = [g for g in FEATURE_GROUPS if g != "base"]
+        subsets = {"base": ("base",), **{f"base + {g}": ("base", g) for g in groups}}
+        for name, gs in subsets.items():
+            variants[name], _ = train_inverse(feats, targets, keep=feature_mask(gs), **fit_args)
 
     # 4. meta head
-    with_conf = [e for e in tr_ex if e.confidence is not None]
-    if not with_conf:
-        raise SageError("no training chain reached an answer; raise --max-tokens or collect more problems (--n)")
-    meta = train_meta(np.array([e.meta for e in with_conf]), np.array([float(e.correct) for e in with_conf]))
+    emit("meta", {})
+    x, y, used = answer_rows(tr_all)
+    meta, use_meta, meta_info = fit_meta(x, y, np.array([e.start_outcome().share_of(e.answer) for e in used]), s.seed)
+    entropy_meta = train_meta(only(x, ("mean_entropy",)), y) if len(y) else MetaHead.analytic()
 
     heads = SageHeads(fp, s.base_name, layers, weights, fit["threshold"], inverse, meta, trained=True)
+    heads.info = {"meta": "trained" if use_meta else "samples"}
 
     # 5. held-out evaluation through llama.cpp, as sage ask runs
-    emit("evaluate", {"n": len(te_ex)})
-    sc, ys, mt, differ = held_out_scores(heads, s, te_ex)
-    y_all = np.array([y for y, _ in ys], bool)
-    samp = np.array([sm for _, sm in ys], bool)
-    an_sig = [e.features[lab["token"]][FEATURES.index("significance")] for e in te_ex for lab in e.labels]
-    an_rank = [e.features[lab["token"]][FEATURES.index("significance")] * (1 - e.features[lab["token"]][FEATURES.index("prob")])
-               for e in te_ex for lab in e.labels]
-    if differ:
-        raise SageError(f"{differ} held-out chains regenerated differently from their labels; the labels "
-                        "are for another build of the model or of llama.cpp: remove the labels file")
-    sc = np.array(sc)
+    emit("evaluate", {"n": len(te_forks)})
+    m = evaluate(heads, s, te_forks, te_all, variants, entropy_meta)
     metrics = {
-        "train_problems": len(tr_ex), "test_problems": len(te_ex),
-        "train_labels": fit["train_labels"], "train_positive": fit["train_positive"],
-        "test_labels": int(len(y_all)), "test_positive": int(y_all.sum()),
-        "test_sampled_labels": int(samp.sum()),
-        "auroc_analytic": auroc(an_sig, y_all), "auroc_analytic_rank": auroc(an_rank, y_all),
-        "auroc_trained": auroc(sc, y_all),
-        "auroc_analytic_sampled": auroc(np.array(an_sig)[samp], y_all[samp]),
-        "auroc_analytic_rank_sampled": auroc(np.array(an_rank)[samp], y_all[samp]),
-        "auroc_trained_sampled": auroc(sc[samp], y_all[samp]),
-        "val_auroc_start": fit["val_auroc_start"], "val_auroc": fit["val_auroc"], "epoch": fit["epoch"],
+        "train_problems": len(tr_all), "test_problems": len(te_all),
+        "train_fork_problems": len(tr_ex), "train_labels": n_lab, "train_forks": int(n_pos),
+        **m,
+        "cv_auroc_start": fit["cv_auroc_start"], "cv_auroc": fit["cv_auroc"], "epoch": fit["epoch"],
         "threshold": fit["threshold"],
-        "ece_analytic": ece([c for _, c, _ in mt], [y for _, _, y in mt]),
-        "ece_trained": ece([p for p, _, _ in mt], [y for _, _, y in mt]),
-        "test_answers": len(mt), "test_correct": int(sum(y for _, _, y in mt)),
-        "train_accuracy": float(np.mean([e.correct for e in tr_ex])),
+        "train_answers": int(len(y)), "train_correct": int(y.sum()), "meta_used": use_meta, **meta_info,
         "tracked_heads": int((weights > 0).sum()), "tracked_layers": layers,
         "best_head_auroc": float(np.nanmax(hs)),
+        "labels": {"samples": s.samples, "alternatives": s.alternatives, "random": s.n_sample,
+                   "candidates": s.n_candidates, "max_tokens": s.max_tokens},
         "collect_s": t_collect - t_start, "train_s": time.time() - t_collect,
     }
     # undefined numbers (a class missing from a small held-out set) are null, never NaN, in JSON
-    metrics = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
-    heads.info = {
+    metrics = {k: _nan_to_none(v) for k, v in metrics.items()}
+    heads.info.update({
         "data": f"{s.n} problems (GSM8K train + arithmetic), seed {s.seed}",
         "seed": str(s.seed),
         "base_architecture": base_arch,
         "metrics": json.dumps(metrics),
-    }
+    })
     emit("done", metrics)
     return TrainResult(heads, metrics)

@@ -20,8 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from sage.cli.ui import bar, console, err_console, legend, tint
-from sage.cli.ui.outcome import (OPEN_QUESTION, answer_value, confidence_words, dist_text, is_open, no_answer_reason,
-                                 scale_line, trust)
+from sage.cli.ui.outcome import (OPEN_QUESTION, answer_value, calibrated_words, confidence_words, dist_text, estimate,
+                                 is_open, no_answer_reason, scale_line, trust)
 from sage.cli.ui.safe import text as safe_text, token_label, untrusted
 
 CIRCLED = "①②③④⑤⑥⑦⑧⑨⑩"  # decision markers: cannot be read as a number or an option letter
@@ -208,7 +208,8 @@ class AskView:
                 self.out.print(self.explanation_panel(an))
         self.out.print(self.answer_panel(trace, vote))
         if sampled and value is not None:
-            self.out.print(scale_line())
+            est = estimate(trace)
+            self.out.print(scale_line(est is not None and est[1]))
         self.out.print(phase_line(trace))
         if saved:
             hint = "" if self.verbose else "; sage ask -v for every step's numbers"
@@ -481,19 +482,24 @@ class AskView:
             body = Text("No answer: " + untrusted(why, False), style="warn")
         else:
             body = Text.assemble(("Answer ", "bold"), (untrusted(a.value, False), "bold"))
-            if oc is not None and oc.start is not None:
+            est = estimate(trace)
+            if oc is not None and oc.start is not None and est is not None:
                 from sage.inverse.outcomes import wilson
 
+                p, calibrated = est
                 k, n = oc.start.count(a.value), oc.start.n
                 lo, hi = wilson(k, n)
-                word, _, border = trust(k / n)
+                word, _, border = trust(p)
                 body.stylize(border, len("Answer "))
                 body.append("  ")
                 body.append(f"{word} trust", style=border)
                 body.append("  ")
-                body.append_text(bar(k / n))
+                body.append_text(bar(p))
+                if calibrated:
+                    body.append("\n")
+                    body.append_text(calibrated_words(an))
                 body.append("\n")
-                body.append_text(confidence_words(k / n, k, n, lo, hi, word=False))
+                body.append_text(confidence_words(k / n, k, n, lo, hi, word=False, meaning=not calibrated))
             else:
                 body.append("  not checked by sampling", style="dim")
                 if a.confidence is not None:

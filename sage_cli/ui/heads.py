@@ -18,7 +18,8 @@ from sage.cli.ui.safe import text as safe_text, untrusted
 STAGES = {
     "collect": "collecting labels",
     "heads": "choosing tracking heads",
-    "inverse": "training the inverse analysis layer",
+    "inverse": "training the inverse analysis layer (and the ablation)",
+    "meta": "fitting the meta-cognitive head",
     "evaluate": "evaluating on held-out problems",
 }
 
@@ -60,27 +61,13 @@ class HeadsView:
             yield on_event
 
     def results(self, heads, m: dict, out: Path, labels: Path) -> None:
-        t = Table(title=safe_text(f"SAGE heads · {heads.base_name} · held-out {m['test_problems']} problems", multiline=False),
-                  title_style="title", show_edge=False)
-        t.add_column("measure")
-        t.add_column("analytic", justify="right")
-        t.add_column("trained", justify="right")
-        t.add_row("decision AUROC (all labelled tokens)", f"{_f(m['auroc_analytic'])} / {_f(m['auroc_analytic_rank'])}",
-                  _f(m["auroc_trained"]))
-        t.add_row("decision AUROC (random-sample tokens)",
-                  f"{_f(m['auroc_analytic_sampled'])} / {_f(m['auroc_analytic_rank_sampled'])}",
-                  _f(m["auroc_trained_sampled"]))
-        t.add_row("confidence ECE", _f(m["ece_analytic"]), _f(m["ece_trained"]))
-        self.out.print(t)
-        self.out.print(
-            f"[dim]analytic AUROC: significance / significance x (1 - p). Labels: {m['train_labels']} train "
-            f"({m['train_positive']} change the answer), {m['test_labels']} held out ({m['test_positive']}); "
-            f"ECE over {m['test_answers']} held-out answers ({m['test_correct']} right).[/dim]"
-        )
+        for r in metrics_view(m, safe_text(f"SAGE heads · {heads.base_name}", multiline=False)):
+            self.out.print(r)
         self.out.print(
             f"tracking {m['tracked_heads']} heads in layers {', '.join(map(str, m['tracked_layers']))} "
-            f"(best single head AUROC {m['best_head_auroc']:.3f}); threshold {m['threshold']:.2f}; "
-            f"epoch {m['epoch']}; collecting {m['collect_s']:.0f} s, training + evaluation {m['train_s']:.0f} s"
+            f"(best single head AUROC {_f(m['best_head_auroc'])}); threshold {_f(m['threshold'], '{:.2f}')}; "
+            f"epoch {m['epoch']}; collecting {_f(m['collect_s'], '{:.0f}')} s, training + evaluation "
+            f"{_f(m['train_s'], '{:.0f}')} s"
         )
         self.out.print(Text.assemble((f"wrote {untrusted(out)}", "answer"), (f"  (labels kept in {untrusted(labels)})", "dim")))
 
@@ -98,7 +85,8 @@ class HeadsView:
             "threshold": heads.threshold,
             "inverse_depth": heads.inverse.depth,
             "inverse_width": int(heads.inverse.w_in.shape[1]),
-            "info": {k: v for k, v in heads.info.items() if k != "metrics"},
+            # metrics and the meta head's use: shown as the held-out table (metrics_view)
+            "info": {k: v for k, v in heads.info.items() if k not in ("metrics", "meta")},
             "metrics": json.loads(metrics) if metrics else None,
         }
 
@@ -115,13 +103,53 @@ class HeadsView:
         t.add_row("inverse layer", f"depth {s['inverse_depth']}, width {s['inverse_width']}, threshold {s['threshold']:.2f}")
         for k, v in sorted(s["info"].items()):
             t.add_row(safe_text(k, multiline=False), safe_text(v))
-        m = s["metrics"]
-        if m:
-            m = collections.defaultdict(lambda: None, m)
-            t.add_row("decision AUROC", f"analytic {_f(m['auroc_analytic'])}, trained {_f(m['auroc_trained'])} "
-                      f"(held-out, {m['test_labels']} labels); on the random-sample tokens alone analytic "
-                      f"{_f(m['auroc_analytic_sampled'])}, trained {_f(m['auroc_trained_sampled'])} "
-                      f"({m['test_sampled_labels']} labels)")
-            t.add_row("confidence ECE", f"analytic {_f(m['ece_analytic'])}, trained {_f(m['ece_trained'])} "
-                      f"({m['test_answers']} answers)")
         self.out.print(t)
+        if s["metrics"]:
+            for r in metrics_view(s["metrics"], Text("measured when it was trained")):
+                self.out.print(r)
+
+
+def _n(x) -> str:
+    return str(x) if isinstance(x, int) and not isinstance(x, bool) else "—"
+
+
+def metrics_view(m: dict, title: Text) -> list:
+    """The held-out evaluation of a sidecar's metrics: a table and what its numbers mean
+    (the metrics are untrusted: numbers are formatted, nothing else is shown)."""
+    m = collections.defaultdict(lambda: None, m)
+    t = Table(title=title, title_style="title", show_edge=False)
+    t.add_column("held out, as sage ask runs")
+    t.add_column("trained heads", justify="right")
+    t.add_column("analytic", justify="right")
+    t.add_column("entropy alone", justify="right")
+    t.add_row(f"fork AUROC, random tokens ({_n(m['test_random_tokens'])}, {_n(m['test_random_forks'])} forks)",
+              _f(m["auroc_trained"]), _f(m["auroc_analytic"]), _f(m["auroc_entropy"]))
+    t.add_row("recall of the forks among the candidates", _f(m["recall_trained"]), _f(m["recall_analytic"]),
+              _f(m["recall_entropy"]))
+    t.add_row(f"answer ECE ({_n(m['test_answers'])} answers, {_n(m['test_correct'])} right)", _f(m["ece_trained"]),
+              _f(m["ece_share"]), _f(m["ece_entropy"]))
+    t.add_row("answer AUROC (right above wrong)", _f(m["auroc_conf_trained"]), _f(m["auroc_conf_share"]),
+              _f(m["auroc_conf_entropy"]))
+    out: list = [t]
+    out.append(Text(
+        "fork AUROC: the chance a true fork (its alternatives lead elsewhere: fork score ≥ 0.3, p < 0.1, on samples "
+        "of their own) is scored above a token that is not; 0.5 is guessing, 1 perfect. recall: the share of true "
+        "forks among the tokens sage samples when their step moves the answer. answer ECE: how far the stated "
+        "confidence is from the share of answers that are right, on average; 0 is perfect. 'analytic' for answers "
+        "is the share of samples that reach the answer.", style="dim"))
+    abl = m["ablation"] if isinstance(m["ablation"], dict) else {}
+    if abl:
+        line = Text("ablation (fork AUROC, random tokens): ", style="dim")
+        for i, (name, v) in enumerate(abl.items()):
+            line.append((" · " if i else "") + f"{untrusted(str(name), False)} {_f(v)}", style="dim")
+        out.append(line)
+    used = m["meta_used"]
+    if used is not None:
+        out.append(Text(
+            ("the confidence sage ask shows is the meta-cognitive head's" if used is True else
+             "the confidence sage ask shows stays the samples' share (out of fold, the fitted meta head calibrated the "
+             "training answers no better)")
+            + f"; token probability alone: ECE {_f(m['ece_token_prob'])}. Trained on {_n(m['train_labels'])} "
+            f"labelled tokens ({_n(m['train_forks'])} forks) of {_n(m['train_fork_problems'])} problems and "
+            f"{_n(m['train_answers'])} answers ({_n(m['train_correct'])} right).", style="dim"))
+    return out

@@ -28,8 +28,13 @@ def trust(share: float) -> tuple[str, str, str]:
     return TRUST[-1][1:]
 
 
-def scale_line() -> Text:
-    t = Text("trust scale (share of samples from the problem alone that reach the answer): ", style="dim")
+SCALE_SAMPLES = "share of samples from the problem alone that reach the answer"
+SCALE_CALIBRATED = ("the trained heads' estimate of the chance the answer is right, calibrated on held-out "
+                    "answers")
+
+
+def scale_line(calibrated: bool = False) -> Text:
+    t = Text(f"trust scale ({SCALE_CALIBRATED if calibrated else SCALE_SAMPLES}): ", style="dim")
     for i, (least, word, _, style) in enumerate(TRUST):
         if i:
             t.append(" · ", style="dim")
@@ -62,13 +67,16 @@ def dist_text(o, mark: str | None = None, most: int = 4) -> Text:
     return t
 
 
-def confidence_words(share: float, k: int, n: int, lo: float, hi: float, word: bool = True) -> Text:
+def confidence_words(share: float, k: int, n: int, lo: float, hi: float, word: bool = True,
+                     meaning: bool = True) -> Text:
     """'medium trust: 9 of 12 samples (75 %, 90 % interval 52–89 %) reach it'; without
-    the trust word where it is shown beside the answer already."""
-    name, meaning, style = trust(share)
+    the trust word where it is shown beside the answer already, without its meaning where
+    the trust rests on a calibrated estimate instead."""
+    name, what, style = trust(share)
     t = Text.assemble((f"{name} trust: ", style)) if word else Text()
     t.append(f"{k} of {n} samples from the problem alone reach it ({share:.0%}; 90 % interval {lo:.0%}–{hi:.0%})")
-    t.append(f" — {meaning}", style="dim")
+    if meaning:
+        t.append(f" — {what}", style="dim")
     if n < FEW:
         t.append(f"; only {n} samples, so the share is rough", style="dim")
     return t
@@ -98,3 +106,38 @@ def no_answer_reason(trace) -> str:
         "context": "the chain filled the context (--ctx-size) before it stated an answer",
         "interrupted": "the chain was interrupted before it stated an answer",
     }.get(trace.finish_reason, "no final answer found in the output")
+
+
+def estimate(trace) -> tuple[float, bool] | None:
+    """(the chance the answer is right that its trust word rests on, whether it is the
+    trained heads' calibrated estimate): the meta-cognitive head's estimate where the
+    analysis has one, else the share of samples from the problem alone that reach the
+    answer; None without an answer or samples."""
+    a, an = trace.answer, trace.analysis
+    if a is None or a.value is None or an is None:
+        return None
+    if getattr(an, "calibration", None) is not None and an.answer_confidence is not None:
+        return min(max(float(an.answer_confidence), 0.0), 1.0), True
+    oc = an.outcomes
+    if oc is not None and oc.start is not None and oc.start.n > 0:
+        return min(max(oc.start.count(a.value), 0), oc.start.n) / oc.start.n, False
+    return None
+
+
+def calibrated_words(an) -> Text:
+    """'the trained heads put the chance it is right at 64 % (…); on 280 held-out answers
+    (170 right) their estimates were off by 4 points on average (ECE 0.04)' — what the
+    estimate is, and how far it held up when the heads were trained."""
+    p = min(max(float(an.answer_confidence), 0.0), 1.0)
+    cal = an.calibration or {}
+    t = Text(f"the trained heads put the chance it is right at {p:.0%}", style="bold")
+    t.append(" (from the samples below and the chain's own uncertainty)", style="dim")
+    ece, n, right = cal.get("ece"), cal.get("answers"), cal.get("right")
+    if isinstance(ece, (int, float)) and isinstance(n, (int, float)) and n > 0:
+        t.append(f"; on {n:.0f} held-out answers" + (f" ({right:.0f} right)" if isinstance(right, (int, float)) else "")
+                 + f" such estimates were off by {100 * ece:.0f} points on average (ECE {ece:.2f})", style="dim")
+        if n < 100:
+            t.append(", a rough check: few answers", style="dim")
+    else:
+        t.append("; how well it is calibrated was not measured", style="dim")
+    return t

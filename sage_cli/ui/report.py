@@ -32,7 +32,8 @@ from sage.cli.ui.ask import (
     token_starts,
     word_span,
 )
-from sage.cli.ui.outcome import OPEN_QUESTION, TRUST, answer_value, confidence_words, is_open, no_answer_reason, trust
+from sage.cli.ui.outcome import (OPEN_QUESTION, SCALE_CALIBRATED, SCALE_SAMPLES, TRUST, answer_value, calibrated_words,
+                                 confidence_words, estimate, is_open, no_answer_reason, trust)
 from sage.cli.ui.safe import token_label, untrusted
 from sage.cli.ui.tree import shorten
 
@@ -544,14 +545,16 @@ def _answer(trace) -> str:
         why = no_answer_reason(trace)
         main = f'<div><div class="noanswer">No answer</div><p class="muted">{esc(why, False)}</p></div>'
         about = ""
-    elif start is not None:
+    elif start is not None and estimate(trace) is not None:
+        p, calibrated = estimate(trace)
         k, n = min(max(start.count(a.value), 0), start.n), start.n
         lo, hi = _wilson(k, n)
-        word, meaning, style = trust(k / n)
+        word, meaning, style = trust(p)
         cls = TRUST_CLASS[style]
         main = (f'<div><div class="label">Answer</div><div class="value c-{cls}">{esc(a.value, False)}</div></div>'
-                f'<div><div class="trust c-{cls}">{word} trust</div>{_meter(k / n, "c-" + cls)}</div>')
-        about = f"<p>{esc(confidence_words(k / n, k, n, lo, hi, word=False).plain, False)}</p>"
+                f'<div><div class="trust c-{cls}">{word} trust</div>{_meter(p, "c-" + cls)}</div>')
+        about = f'<p class="calibrated">{esc(calibrated_words(an).plain, False)}</p>' if calibrated else ""
+        about += f"<p>{esc(confidence_words(k / n, k, n, lo, hi, word=False, meaning=not calibrated).plain, False)}</p>"
     else:
         main = (f'<div><div class="label">Answer</div><div class="value">{esc(a.value, False)}</div></div>'
                 '<div class="muted">not checked by sampling</div>')
@@ -569,7 +572,9 @@ def _answer(trace) -> str:
             f'<span class="c-{TRUST_CLASS[style]}">{w} ≥ {least:.0%}</span>' if least > 0 else
             f'<span class="c-{TRUST_CLASS[style]}">{w} &lt; {TRUST[i - 1][0]:.0%}</span>'
             for i, (least, w, _, style) in enumerate(TRUST))
-        about += f'<p class="caption">trust scale (share of samples from the problem alone): {scale}</p>'
+        est = estimate(trace)
+        what = SCALE_CALIBRATED if est is not None and est[1] else SCALE_SAMPLES
+        about += f'<p class="caption">trust scale ({esc(what, False)}): {scale}</p>'
     return (f'<section class="card" id="answer"><div class="answer">{main}'
             f'<div class="about">{about}</div></div></section>')
 

@@ -17,7 +17,8 @@ from rich.theme import Theme
 from rich.tree import Tree
 
 from sage.cli.ui import THEME, bar, console, tint
-from sage.cli.ui.outcome import OPEN_QUESTION, confidence_words, dist_text, is_open, no_answer_reason, trust
+from sage.cli.ui.outcome import (OPEN_QUESTION, calibrated_words, confidence_words, dist_text, estimate, is_open,
+                                 no_answer_reason, trust)
 from sage.cli.ui.safe import text as safe_text, token_label, untrusted
 
 # styles this view needs beyond ui.THEME; pushed on top of it while printing
@@ -156,16 +157,25 @@ def _answer_label(trace) -> Text:
         t.append("\nnote: " + untrusted(a.note, False), style="warn")
     an = trace.analysis
     oc = an.outcomes if an is not None else None
-    if oc is not None and oc.start is not None:
+    est = estimate(trace)
+    if oc is not None and oc.start is not None and est is not None:
         from sage.inverse.outcomes import wilson
 
+        p, calibrated = est
         k, n = oc.start.count(a.value), oc.start.n
         lo, hi = wilson(k, n)
-        t.stylize(trust(k / n)[2], len("Answer "), len("Answer ") + len(untrusted(a.value, False)))
+        word, _, style = trust(p)
+        t.stylize(style, len("Answer "), len("Answer ") + len(untrusted(a.value, False)))
         t.append("  ")
-        t.append_text(bar(k / n, 8))
-        t.append("\n")
-        t.append_text(confidence_words(k / n, k, n, lo, hi))
+        t.append_text(bar(p, 8))
+        if calibrated:
+            t.append(f"  {word} trust\n", style=style)
+            t.append_text(calibrated_words(an))
+            t.append("\n")
+            t.append_text(confidence_words(k / n, k, n, lo, hi, word=False, meaning=False))
+        else:
+            t.append("\n")
+            t.append_text(confidence_words(k / n, k, n, lo, hi))
         t.append("\nanswers from the problem alone: ", style="dim")
         t.append_text(dist_text(oc.start, mark=a.value))
         return t
