@@ -182,9 +182,10 @@ class SageHeads:
     @property
     def calibrated(self) -> bool:
         """Whether the analysis turns the samples into P(right) with the meta-cognitive
-        head: trained heads whose training kept it (info "meta" = "trained"; it keeps the
-        samples' share where the fitted head did no better on held-out answers)."""
-        return self.trained and self.info.get("meta") == "trained"
+        head: a sidecar whose training kept it (info "meta" = "trained"; training keeps the
+        samples' share where the fitted head did no better out of fold). It may sit beside
+        analytic fork heads (`sage heads train --fork-problems 0`: answers only)."""
+        return self.info.get("meta") == "trained"
 
     def calibration(self) -> dict[str, float | None]:
         """What the sidecar measured of its meta head on held-out answers: ece, answers, right."""
@@ -203,8 +204,10 @@ class SageHeads:
         return {"ece": num("ece_trained"), "answers": num("test_answers"), "right": num("test_correct")}
 
     def describe(self) -> str:
-        kind = "trained" if self.trained else "analytic"
-        return f"{kind} sidecar for {self.base_name}" + (f" ({self.info['data']})" if "data" in self.info else "")
+        data = f" ({self.info['data']})" if "data" in self.info else ""
+        if not self.trained and self.calibrated:  # answers only (sage heads train --fork-problems 0)
+            return f"sidecar for {self.base_name}: analytic fork heads, trained answer head{data}"
+        return f"{'trained' if self.trained else 'analytic'} sidecar for {self.base_name}{data}"
 
     # --- file -------------------------------------------------------------------------
 

@@ -59,7 +59,8 @@ def train(
     ] = 2,
     fork_problems: Annotated[
         Optional[int], typer.Option("--fork-problems", help="Problems that get token labels (the rest only answer "
-                                    "labels, which cost far less). Default: all.", show_default=False)
+                                    "labels, which cost far less). 0: answers only; the meta-cognitive head is trained and "
+                                    "the fork heads stay the analytic ones. Default: all.", show_default=False)
     ] = None,
     depth: Annotated[int, typer.Option("--depth", help="Blocks of the inverse analysis layer (the paper: 6).")] = 6,
     width: Annotated[int, typer.Option("--width", help="Width of the inverse analysis layer.")] = 16,

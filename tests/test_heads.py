@@ -200,3 +200,7 @@ def test_calibration_is_used_only_where_training_kept_the_meta_head():
     assert h.calibrated and h.calibration() == {"ece": 0.04, "answers": 200.0, "right": 120.0}
     h.info["metrics"] = json.dumps({"ece_trained": float("nan"), "test_answers": True})  # untrusted: only numbers
     assert h.calibration() == {"ece": None, "answers": None, "right": None}
+    # answers only (sage heads train --fork-problems 0): analytic fork heads, the meta head kept
+    a = SageHeads.analytic("fp", "m", [1], 2)
+    a.info = {"meta": "trained", "inverse": "analytic"}
+    assert a.calibrated and not a.trained and "analytic fork heads, trained answer head" in a.describe()

@@ -102,6 +102,10 @@ def test_train_inverse_learns_a_planted_rule():
     keep = np.array([n != "margin" for n in FEATURES])
     blind, fit2 = train_inverse(feats, labels, depth=1, width=8, epochs=150, seed=0, lr=1e-2, folds=3, keep=keep)
     assert fit2["cv_auroc"] < 0.7 and not blind.w_in[FEATURES.index("margin")].any()
+    # training is seeded: the same layer again, to the bit
+    again, fit3 = train_inverse(feats, labels, depth=1, width=8, epochs=150, seed=0, lr=1e-2, folds=3)
+    assert fit3 == fit and np.array_equal(again.w_in, layer.w_in) and np.array_equal(again.readout, layer.readout)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(again.blocks, layer.blocks) for k in a)
 
 
 def test_train_meta_is_a_calibrated_logistic_fit():
@@ -152,17 +156,25 @@ def test_heads_train_end_to_end(tmp_path, smollm2_path, run_sage):
     heads = SageHeads.load(out)
     assert heads.trained and heads.inverse.depth == 2 and abs(float(heads.head_weights.sum()) - 1) < 1e-5
     assert "sage heads train" in heads.info["command"]
-    # resumed from the labels file: same sidecar, no new rollouts
+    # resumed from the labels file, answers only (--fork-problems 0): no new rollouts, the
+    # same meta head (seeded), the analytic fork heads, the same answer metrics
     lines = labels.read_text().splitlines()
     assert len(lines) == 13
     assert sum(json.loads(ln)["tokens"] is not None for ln in lines[1:]) == 10
-    r2 = run_sage(*args[:-3], "--out", str(tmp_path / "again.sage.gguf"), "--json")
+    i = args.index("--fork-problems")
+    answers_only = args[:i] + ["--fork-problems", "0"] + args[i + 2:-3] + ["--out", str(tmp_path / "ans.sage.gguf"), "--json"]
+    r2 = run_sage(*answers_only)
     assert r2.returncode == 0, r2.stderr
-    again = SageHeads.load(tmp_path / "again.sage.gguf")  # training is seeded: the same heads
-    assert again.tracked_layers == heads.tracked_layers and np.array_equal(again.head_weights, heads.head_weights)
-    assert np.array_equal(again.inverse.w_in, heads.inverse.w_in) and np.array_equal(again.meta.w, heads.meta.w)
+    assert labels.read_text().splitlines() == lines
+    again = SageHeads.load(tmp_path / "ans.sage.gguf")
+    assert not again.trained and again.info["inverse"] == "analytic" and again.info["meta"] == heads.info["meta"]
+    assert np.array_equal(again.meta.w, heads.meta.w) and again.meta.b == heads.meta.b
     m2 = json.loads(r2.stdout)["metrics"]
-    assert {k: v for k, v in m2.items() if not k.endswith("_s")} == {k: v for k, v in m.items() if not k.endswith("_s")}
+    assert m2["auroc_trained"] is None and m2["train_labels"] == 0 and m2["test_fork_problems"] == 0
+    for k in ("test_answers", "test_correct", "ece_trained", "ece_share", "train_answers", "meta_used"):
+        assert m2[k] == m[k], k
+    shown = run_sage("heads", "show", str(tmp_path / "ans.sage.gguf"))
+    assert shown.returncode == 0 and "analytic" in shown.stdout, shown.stderr
     # existing output refused before any work
     r3 = run_sage(*args)
     assert r3.returncode == 2 and "exists" in r3.stderr and len(r3.stderr.strip().splitlines()) == 1

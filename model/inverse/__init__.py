@@ -171,7 +171,7 @@ def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_p
     if outcomes is not None and outcomes.start is not None and value is not None:
         answer_conf = outcomes.start.share_of(value)
         x = answer_features(trace, outcomes.start)
-        if trained and heads.calibrated and x is not None:
+        if heads is not None and heads.calibrated and x is not None:
             calibration = {"share": answer_conf, **heads.calibration()}
             answer_conf = heads.meta(x)
     timings["analysis_s"] = time.time() - t0

@@ -72,9 +72,11 @@ def _dist(o: Outcome) -> dict[str | None, float]:
 
 def tv(a: Outcome, b: Outcome) -> float:
     """Total-variation distance of two outcome distributions ("no answer" is an outcome):
-    half the summed absolute difference of the shares, in [0, 1]."""
+    half the summed absolute difference of the shares, in [0, 1]. Summed with math.fsum
+    (correctly rounded): the answers form a set, whose order changes with the process's hash
+    seed, and a plain sum would give labels that differ in the last bit between workers."""
     da, db = _dist(a), _dist(b)
-    return 0.5 * sum(abs(da.get(v, 0.0) - db.get(v, 0.0)) for v in set(da) | set(db))
+    return 0.5 * math.fsum(abs(da.get(v, 0.0) - db.get(v, 0.0)) for v in set(da) | set(db))
 
 
 def fork_score(chosen: Outcome, alternatives: list[tuple[float, Outcome]]) -> float | None:
@@ -89,7 +91,7 @@ def fork_score(chosen: Outcome, alternatives: list[tuple[float, Outcome]]) -> fl
     mass = sum(p for p, _ in alts)
     if not alts or mass <= 0 or chosen.n == 0:
         return None
-    return sum(p * tv(o, chosen) for p, o in alts) / mass
+    return math.fsum(p * tv(o, chosen) for p, o in alts) / mass
 
 
 _CUE_DONE = re.compile(

@@ -487,12 +487,10 @@ def _entropy_recall(trace, cfg: AnalysisConfig, k: int) -> bool:
     return k in top
 
 
-def evaluate(heads: SageHeads, s: TrainSettings, forks: list[Example], answers: list[Example],
-             variants: dict[str, InverseLayer], entropy_meta: MetaHead) -> dict:
-    """Held-out metrics as `sage ask` runs (module docstring, step 5)."""
-    cfg = AnalysisConfig()
-    n_seq = cfg.n_seq_max()
-    rows = []  # per random token: fork label, fork score, scores, recalls
+def _fork_rows(heads: SageHeads, s: TrainSettings, forks: list[Example], variants: dict[str, InverseLayer],
+               cfg: AnalysisConfig, n_seq: int, rows: list[dict]) -> int:
+    """The held-out fork problems' random tokens, scored as `sage ask` scores them (appended
+    to rows); returns how many chains regenerated differently from their labels."""
     differ = 0
     trained_eng = Engine(s.model_path, n_ctx=8192, n_threads=s.n_threads, track=True, heads=heads, n_seq_max=n_seq)
     analytic_eng = Engine(s.model_path, n_ctx=8192, n_threads=s.n_threads, track=True, n_seq_max=n_seq)
@@ -520,6 +518,16 @@ def evaluate(heads: SageHeads, s: TrainSettings, forks: list[Example], answers: 
     finally:
         trained_eng.close()
         analytic_eng.close()
+    return differ
+
+
+def evaluate(heads: SageHeads, s: TrainSettings, forks: list[Example], answers: list[Example],
+             variants: dict[str, InverseLayer], entropy_meta: MetaHead) -> dict:
+    """Held-out metrics as `sage ask` runs (module docstring, step 5)."""
+    cfg = AnalysisConfig()
+    n_seq = cfg.n_seq_max()
+    rows = []  # per random token: fork label, fork score, scores, recalls
+    differ = _fork_rows(heads, s, forks, variants, cfg, n_seq, rows) if forks else 0
     if differ:
         raise SageError(f"{differ} held-out chains regenerated differently from their labels; the labels "
                         "are for another build of the model or of llama.cpp: remove the labels file")
@@ -553,27 +561,11 @@ def _nan_to_none(v):
     return v
 
 
-def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None) -> TrainResult:
-    """Collect labels, select heads, train both heads, evaluate on held-out problems."""
+def _fork_heads(s: TrainSettings, tr_ex: list[Example], full: list[int], emit) -> dict:
+    """Steps 2 and 3 (module docstring): the tracking heads and the inverse layer, trained
+    on the token labels of the training fork problems, and the ablation's variants."""
     from sage.reference.exact import load_model
 
-    from sage.engine import default_threads
-
-    emit = on_event or (lambda kind, info: None)
-    torch.set_num_threads(s.n_threads or default_threads())
-    t_start = time.time()
-    items, n_train, order = plan(s.n, s.seed, s.holdout, s.fork_problems)
-    if s.labels is None:
-        raise SageError("no labels file given")
-    emit("collect", {"n": s.n, "path": str(s.labels)})
-    examples = collect(s.model_path, items, s.labels, s.label_settings(), order=order, n_threads=s.n_threads,
-                       workers=s.workers, ray=s.ray,
-                       on_problem=lambda ex: emit("problem", {"correct": ex.correct,
-                                                              "labels": len(ex.tokens or [])}))
-    t_collect = time.time()
-    tr_all, te_all = examples[:n_train], examples[n_train:]
-    tr_ex = [e for e in tr_all if labelled(e)]
-    te_forks = [e for e in te_all if labelled(e, ("random",))]
     n_lab = sum(len(labelled(e)) for e in tr_ex)
     n_pos = sum(is_fork(lab) for e in tr_ex for lab in labelled(e))
     if n_pos == 0 or n_pos == n_lab:
@@ -581,12 +573,6 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
 
     # 2. tracking heads, on the torch reference model of the same GGUF
     emit("heads", {})
-    eng = Engine(s.model_path, n_ctx=256)
-    try:
-        full = eng.full_attention_layers()
-        fp, n_head, base_arch = fingerprint(eng), eng.n_head, eng.architecture
-    finally:
-        eng.close()
     model = load_model(s.model_path)
     rows = [head_rows(model, e, full) for e in tr_ex]
     hs = head_scores(rows, tr_ex)
@@ -612,6 +598,51 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
         subsets = {"base": ("base",), **{f"base + {g}": ("base", g) for g in groups}}
         for name, gs in subsets.items():
             variants[name], _ = train_inverse(feats, targets, keep=feature_mask(gs), **fit_args)
+    return {"layers": layers, "weights": weights, "inverse": inverse, "fit": fit, "variants": variants,
+            "metrics": {"train_labels": n_lab, "train_forks": int(n_pos), "cv_auroc_start": fit["cv_auroc_start"],
+                        "cv_auroc": fit["cv_auroc"], "epoch": fit["epoch"], "threshold": fit["threshold"],
+                        "tracked_heads": int((weights > 0).sum()), "tracked_layers": layers,
+                        "best_head_auroc": float(np.nanmax(hs))}}
+
+
+def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None) -> TrainResult:
+    """Collect labels, select heads, train both heads, evaluate on held-out problems. With
+    `fork_problems` 0 only answers are collected and only the meta-cognitive head is
+    trained: the fork heads stay the analytic ones (trained = False, info "inverse" =
+    "analytic"), and `sage ask` uses the meta head where its training kept it."""
+    from sage.engine import default_threads
+    from sage.kernels.tracker import default_layers
+
+    emit = on_event or (lambda kind, info: None)
+    torch.set_num_threads(s.n_threads or default_threads())
+    t_start = time.time()
+    items, n_train, order = plan(s.n, s.seed, s.holdout, s.fork_problems)
+    if s.labels is None:
+        raise SageError("no labels file given")
+    emit("collect", {"n": s.n, "path": str(s.labels)})
+    examples = collect(s.model_path, items, s.labels, s.label_settings(), order=order, n_threads=s.n_threads,
+                       workers=s.workers, ray=s.ray,
+                       on_problem=lambda ex: emit("problem", {"correct": ex.correct,
+                                                              "labels": len(ex.tokens or [])}))
+    t_collect = time.time()
+    tr_all, te_all = examples[:n_train], examples[n_train:]
+    # (answers only: token labels a file holds for some of these problems are not used)
+    tr_ex = [e for e in tr_all if labelled(e)] if s.fork_problems != 0 else []
+    te_forks = [e for e in te_all if labelled(e, ("random",))] if s.fork_problems != 0 else []
+    eng = Engine(s.model_path, n_ctx=256)
+    try:
+        full = eng.full_attention_layers()
+        fp, n_head, base_arch = fingerprint(eng), eng.n_head, eng.architecture
+    finally:
+        eng.close()
+    if s.fork_problems == 0:  # answers only: the analytic fork heads `sage ask` has without a sidecar
+        base = SageHeads.analytic(fp, s.base_name, [full[i] for i in default_layers(len(full))], n_head, s.depth)
+        fork = {"layers": base.tracked_layers, "weights": base.head_weights, "inverse": base.inverse,
+                "fit": {"threshold": base.threshold}, "variants": {},
+                "metrics": {"train_labels": 0, "train_forks": 0, "tracked_heads": int((base.head_weights > 0).sum()),
+                            "tracked_layers": base.tracked_layers}}
+    else:
+        fork = _fork_heads(s, tr_ex, full, emit)
 
     # 4. meta head
     emit("meta", {})
@@ -619,21 +650,17 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
     meta, use_meta, meta_info = fit_meta(x, y, np.array([e.start_outcome().share_of(e.answer) for e in used]), s.seed)
     entropy_meta = train_meta(only(x, ("mean_entropy",)), y) if len(y) else MetaHead.analytic()
 
-    heads = SageHeads(fp, s.base_name, layers, weights, fit["threshold"], inverse, meta, trained=True)
-    heads.info = {"meta": "trained" if use_meta else "samples"}
+    heads = SageHeads(fp, s.base_name, fork["layers"], fork["weights"], fork["fit"]["threshold"], fork["inverse"], meta,
+                      trained=s.fork_problems != 0)
+    heads.info = {"meta": "trained" if use_meta else "samples", "inverse": "trained" if heads.trained else "analytic"}
 
     # 5. held-out evaluation through llama.cpp, as sage ask runs
     emit("evaluate", {"n": len(te_forks)})
-    m = evaluate(heads, s, te_forks, te_all, variants, entropy_meta)
+    m = evaluate(heads, s, te_forks, te_all, fork["variants"], entropy_meta)
     metrics = {
-        "train_problems": len(tr_all), "test_problems": len(te_all),
-        "train_fork_problems": len(tr_ex), "train_labels": n_lab, "train_forks": int(n_pos),
-        **m,
-        "cv_auroc_start": fit["cv_auroc_start"], "cv_auroc": fit["cv_auroc"], "epoch": fit["epoch"],
-        "threshold": fit["threshold"],
+        "train_problems": len(tr_all), "test_problems": len(te_all), "train_fork_problems": len(tr_ex),
+        **m, **fork["metrics"],
         "train_answers": int(len(y)), "train_correct": int(y.sum()), "meta_used": use_meta, **meta_info,
-        "tracked_heads": int((weights > 0).sum()), "tracked_layers": layers,
-        "best_head_auroc": float(np.nanmax(hs)),
         "labels": {"samples": s.samples, "alternatives": s.alternatives, "random": s.n_sample,
                    "candidates": s.n_candidates, "max_tokens": s.max_tokens},
         "collect_s": t_collect - t_start, "train_s": time.time() - t_collect,

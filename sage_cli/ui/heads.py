@@ -63,12 +63,13 @@ class HeadsView:
     def results(self, heads, m: dict, out: Path, labels: Path) -> None:
         for r in metrics_view(m, safe_text(f"SAGE heads · {heads.base_name}", multiline=False)):
             self.out.print(r)
-        self.out.print(
-            f"tracking {m['tracked_heads']} heads in layers {', '.join(map(str, m['tracked_layers']))} "
-            f"(best single head AUROC {_f(m['best_head_auroc'])}); threshold {_f(m['threshold'], '{:.2f}')}; "
-            f"epoch {m['epoch']}; collecting {_f(m['collect_s'], '{:.0f}')} s, training + evaluation "
-            f"{_f(m['train_s'], '{:.0f}')} s"
-        )
+        m = collections.defaultdict(lambda: None, m)
+        fork = (f"tracking {m['tracked_heads']} heads in layers {', '.join(map(str, m['tracked_layers'] or []))} "
+                f"(best single head AUROC {_f(m['best_head_auroc'])}); threshold {_f(m['threshold'], '{:.2f}')}; "
+                f"epoch {m['epoch']}" if heads.trained else
+                "fork heads: the analytic ones (no token labels: --fork-problems 0)")
+        self.out.print(f"{fork}; collecting {_f(m['collect_s'], '{:.0f}')} s, training + evaluation "
+                       f"{_f(m['train_s'], '{:.0f}')} s")
         self.out.print(Text.assemble((f"wrote {untrusted(out)}", "answer"), (f"  (labels kept in {untrusted(labels)})", "dim")))
 
     @staticmethod
