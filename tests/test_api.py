@@ -81,7 +81,7 @@ def test_the_wheel_installs_one_import_name(tmp_path):
     assert top == {"sage", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top
     for needed in ("sage/__init__.py", "sage/cli/main.py", "sage/inverse/observe.py", "sage/reference/arch/llama.py",
                    "sage/kernels/metal/reductions.metal", "sage/convert/verify.py",
-                   "sage/sidecars/smollm2-135m.sage.gguf"):
+                   "sage/sidecars/smollm2-135m.sage.gguf", "sage/sidecars/qwen2.5-coder-0.5b.sage.gguf"):
         assert needed in names, needed
     assert any(n.startswith("sage/kernels/_tracker") for n in names)
 

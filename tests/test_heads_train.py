@@ -15,6 +15,7 @@ from sage.reference.train import (
     TorchInverse,
     auroc,
     ece,
+    fit_meta,
     select_heads,
     train_inverse,
     train_meta,
@@ -117,6 +118,25 @@ def test_train_meta_is_a_calibrated_logistic_fit():
     assert head.w[0] == pytest.approx(2.0, abs=0.5) and head.b == pytest.approx(-1.0, abs=0.4)
     pred = np.array([head(r) for r in x])
     assert ece(pred, y) < 0.08
+
+
+def test_meta_head_is_used_only_where_it_beats_the_samples_share():
+    rng = np.random.default_rng(5)
+    y = (rng.random(120) < 0.6).astype(float)
+    noise = rng.normal(size=(120, len(META_FEATURES)))
+    # a share that tells right from wrong but is miscalibrated (0.8 / 0.3), and features
+    # that carry nothing: the head learns the base rate, whose ECE is small by chance
+    # alone; the Brier score says the share is better
+    share = np.where(y > 0, 0.8, 0.3)
+    _, used, info = fit_meta(noise, y, share, seed=0)
+    assert not used and info["meta_cv_brier"] > info["meta_cv_brier_share"]
+    # features that carry the answer's rightness, a share that carries nothing: used
+    x = noise.copy()
+    x[:, 0] = 3 * (y - 0.5) + 0.5 * rng.normal(size=120)
+    _, used, info = fit_meta(x, y, np.full(120, 0.5), seed=0)
+    assert used and info["meta_cv_ece"] < info["meta_cv_ece_share"]
+    # too few answers to judge: unused
+    assert fit_meta(x[:20], y[:20], np.full(20, 0.5), seed=0)[1] is False
 
 
 def test_training_problems_are_seeded_and_disjoint():

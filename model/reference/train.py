@@ -19,8 +19,8 @@
    (Youden's J) out of fold. The same training on feature subsets is the ablation.
 4. meta-cognitive head: ridge logistic regression over the answer features (the sampled
    answers against the chain's, the chain's uncertainty); `sage ask` uses it only where
-   its out-of-fold predictions on the training answers are better calibrated than the
-   samples' share.
+   its out-of-fold predictions on the training answers beat the samples' share in
+   ECE and in Brier score.
 5. evaluation on held-out problems, as `sage ask` runs: chains regenerated through
    llama.cpp with the trained sidecar's tracker and with the analytic one, scored with the
    numpy heads, against the labels' independent samples: proposal AUROC on the random
@@ -399,9 +399,11 @@ def answer_rows(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, list[E
 def fit_meta(x: np.ndarray, y: np.ndarray, share: np.ndarray, seed: int, folds: int = 5,
              least: int = 30) -> tuple[MetaHead, bool, dict]:
     """The meta head on all training answers, and whether `sage ask` should use it: its
-    out-of-fold predictions (`folds`-fold, seeded) must be better calibrated (ECE) than the
-    samples' share (`share`, what sage ask shows otherwise). Fewer than `least` answers:
-    the analytic head, unused."""
+    out-of-fold predictions (`folds`-fold, seeded) must beat the samples' share (`share`,
+    what sage ask shows otherwise) both in calibration (ECE) and in Brier score (a proper
+    score: it also counts how well right answers are told from wrong ones, which a head
+    can lose while its ECE, on few answers, looks better by chance). Fewer than `least`
+    answers: the analytic head, unused."""
     info: dict = {"meta_cv_answers": int(len(y))}
     if len(y) < least:
         return MetaHead.analytic(), False, info
@@ -412,8 +414,10 @@ def fit_meta(x: np.ndarray, y: np.ndarray, share: np.ndarray, seed: int, folds: 
         tr = np.setdiff1d(idx, va)
         head = train_meta(x[tr], y[tr])
         pred[va] = [head(r) for r in x[va]]
-    info.update(meta_cv_ece=ece(pred, y), meta_cv_ece_share=ece(share, y))
-    return train_meta(x, y), bool(info["meta_cv_ece"] < info["meta_cv_ece_share"]), info
+    info.update(meta_cv_ece=ece(pred, y), meta_cv_ece_share=ece(share, y),
+                meta_cv_brier=float(np.mean((pred - y) ** 2)), meta_cv_brier_share=float(np.mean((share - y) ** 2)))
+    better = info["meta_cv_ece"] < info["meta_cv_ece_share"] and info["meta_cv_brier"] < info["meta_cv_brier_share"]
+    return train_meta(x, y), bool(better), info
 
 
 # --- the whole command -----------------------------------------------------------------------
