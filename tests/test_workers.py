@@ -167,18 +167,12 @@ def _examples(path: Path, cut_ok: bool = False) -> dict[str, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ray", [None, "local"], ids=["local-workers", "ray"])
-def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, smollm2_path, ray):
+def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, tmp_path_factory, smollm2_path, ray):
     if ray:
         pytest.importorskip("ray", reason="Ray is an optional extra (sage[ray]); the test extra installs it")
     backend = (ray,) if ray else ()  # Ray: a local instance of 2 CPUs, two actors
     n = 6
-    # one worker with one thread, and two workers with one thread each: the same kernels
-    # on the same batch shapes, so the labels are the same numbers
-    one = _collect(smollm2_path, tmp_path / "one.jsonl", n, 1, 1)
-    _, err = one.communicate(timeout=900)
-    assert one.returncode == 0, err
-    ref = _examples(tmp_path / "one.jsonl")
-    assert len(ref) == n
+    ref = _one_worker_labels(smollm2_path, tmp_path_factory, n)
 
     # two workers, killed (SIGKILL, the whole process group) once two problems are in
     path = tmp_path / "two.jsonl"
@@ -193,6 +187,23 @@ def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, sm
     assert set(done) == set(ref)
     for text, ex in done.items():
         assert _labelled(ex) == _labelled(ref[text]), text
+
+
+_ONE: dict = {}
+
+
+def _one_worker_labels(model, tmp_path_factory, n: int) -> dict[str, dict]:
+    """The reference: one worker with one thread (collected once for both backends). Two
+    workers with one thread each run the same kernels on the same batch shapes, so their
+    labels are the same numbers."""
+    if n not in _ONE:
+        path = tmp_path_factory.mktemp("one") / "one.jsonl"
+        one = _collect(model, path, n, 1, 1)
+        _, err = one.communicate(timeout=900)
+        assert one.returncode == 0, err
+        _ONE[n] = _examples(path)
+        assert len(_ONE[n]) == n
+    return _ONE[n]
 
 
 def _labelled(ex: dict) -> dict:

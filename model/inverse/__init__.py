@@ -15,7 +15,7 @@ and the attention rows the tracker recorded during generation. The stages, one m
    its alternatives (the fork score). The decision points are the measured candidates;
 4. `explain`: the explanation, each sentence from a number in the trace.
 
-With trained heads whose meta-cognitive head was kept (`SageHeads.calibrated`), the
+With a sidecar whose meta-cognitive head training kept (`SageHeads.calibrated`), the
 answer's confidence is that head's estimate of the chance the answer is right, read from
 the distribution sampled from the prompt and the chain's own uncertainty
 (`explain.answer_features`); `Analysis.calibration` keeps the samples' share beside it and
