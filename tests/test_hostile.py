@@ -931,3 +931,18 @@ def test_sampled_views_of_a_hostile_trace_are_inert(tmp_path):
     with console.capture() as cap:
         AskView().summary(tr, None, vote=True)
     _assert_inert(cap.get())
+
+
+def test_an_interrupt_before_the_entry_point_runs_ends_quietly():
+    # a Ctrl-C that lands after `sage.cli` is imported but before `entry.main` handles it
+    # (the console script still importing): no traceback, the process ends by SIGINT
+    import signal
+    import subprocess
+    import sys
+
+    code = "import sage.cli\nraise KeyboardInterrupt\n"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert p.returncode == -signal.SIGINT and b"Traceback" not in p.stderr, p.stderr
+    # without the hook, the bug: a traceback
+    p = subprocess.run([sys.executable, "-c", "raise KeyboardInterrupt\n"], capture_output=True, timeout=60)
+    assert b"Traceback" in p.stderr

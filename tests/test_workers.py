@@ -167,12 +167,11 @@ def _examples(path: Path, cut_ok: bool = False) -> dict[str, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ray", [None, "local"], ids=["local-workers", "ray"])
-def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, tmp_path_factory, smollm2_path, ray):
+def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, one_worker_labels, smollm2_path, ray):
     if ray:
         pytest.importorskip("ray", reason="Ray is an optional extra (sage[ray]); the test extra installs it")
     backend = (ray,) if ray else ()  # Ray: a local instance of 2 CPUs, two actors
-    n = 6
-    ref = _one_worker_labels(smollm2_path, tmp_path_factory, n)
+    ref, n = one_worker_labels, len(one_worker_labels)
 
     # two workers, killed (SIGKILL, the whole process group) once two problems are in
     path = tmp_path / "two.jsonl"
@@ -189,21 +188,18 @@ def test_labels_over_two_workers_equal_one_and_a_killed_run_resumes(tmp_path, tm
         assert _labelled(ex) == _labelled(ref[text]), text
 
 
-_ONE: dict = {}
-
-
-def _one_worker_labels(model, tmp_path_factory, n: int) -> dict[str, dict]:
-    """The reference: one worker with one thread (collected once for both backends). Two
-    workers with one thread each run the same kernels on the same batch shapes, so their
-    labels are the same numbers."""
-    if n not in _ONE:
-        path = tmp_path_factory.mktemp("one") / "one.jsonl"
-        one = _collect(model, path, n, 1, 1)
-        _, err = one.communicate(timeout=900)
-        assert one.returncode == 0, err
-        _ONE[n] = _examples(path)
-        assert len(_ONE[n]) == n
-    return _ONE[n]
+@pytest.fixture(scope="module")
+def one_worker_labels(smollm2_path, tmp_path_factory) -> dict[str, dict]:
+    """The reference, collected once for both backends: 6 problems, one worker with one
+    thread. Two workers with one thread each run the same kernels on the same batch
+    shapes, so their labels are the same numbers."""
+    path = tmp_path_factory.mktemp("one") / "one.jsonl"
+    one = _collect(smollm2_path, path, 6, 1, 1)
+    _, err = one.communicate(timeout=900)
+    assert one.returncode == 0, err
+    ref = _examples(path)
+    assert len(ref) == 6
+    return ref
 
 
 def _labelled(ex: dict) -> dict:

@@ -602,7 +602,7 @@ def _fork_heads(s: TrainSettings, tr_ex: list[Example], full: list[int], emit) -
         subsets = {"base": ("base",), **{f"base + {g}": ("base", g) for g in groups}}
         for name, gs in subsets.items():
             variants[name], _ = train_inverse(feats, targets, keep=feature_mask(gs), **fit_args)
-    return {"layers": layers, "weights": weights, "inverse": inverse, "fit": fit, "variants": variants,
+    return {"layers": layers, "weights": weights, "inverse": inverse, "threshold": fit["threshold"], "variants": variants,
             "metrics": {"train_labels": n_lab, "train_forks": int(n_pos), "cv_auroc_start": fit["cv_auroc_start"],
                         "cv_auroc": fit["cv_auroc"], "epoch": fit["epoch"], "threshold": fit["threshold"],
                         "tracked_heads": int((weights > 0).sum()), "tracked_layers": layers,
@@ -631,18 +631,19 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
     t_collect = time.time()
     tr_all, te_all = examples[:n_train], examples[n_train:]
     # (answers only: token labels a file holds for some of these problems are not used)
-    tr_ex = [e for e in tr_all if labelled(e)] if s.fork_problems != 0 else []
-    te_forks = [e for e in te_all if labelled(e, ("random",))] if s.fork_problems != 0 else []
+    with_forks = s.fork_problems != 0
+    tr_ex = [e for e in tr_all if labelled(e)] if with_forks else []
+    te_forks = [e for e in te_all if labelled(e, ("random",))] if with_forks else []
     eng = Engine(s.model_path, n_ctx=256)
     try:
         full = eng.full_attention_layers()
         fp, n_head, base_arch = fingerprint(eng), eng.n_head, eng.architecture
     finally:
         eng.close()
-    if s.fork_problems == 0:  # answers only: the analytic fork heads `sage ask` has without a sidecar
+    if not with_forks:  # answers only: the analytic fork heads `sage ask` has without a sidecar
         base = SageHeads.analytic(fp, s.base_name, [full[i] for i in default_layers(len(full))], n_head, s.depth)
         fork = {"layers": base.tracked_layers, "weights": base.head_weights, "inverse": base.inverse,
-                "fit": {"threshold": base.threshold}, "variants": {},
+                "threshold": base.threshold, "variants": {},
                 "metrics": {"train_labels": 0, "train_forks": 0, "tracked_heads": int((base.head_weights > 0).sum()),
                             "tracked_layers": base.tracked_layers}}
     else:
@@ -654,8 +655,8 @@ def train(s: TrainSettings, on_event: Callable[[str, dict], None] | None = None)
     meta, use_meta, meta_info = fit_meta(x, y, np.array([e.start_outcome().share_of(e.answer) for e in used]), s.seed)
     entropy_meta = train_meta(only(x, ("mean_entropy",)), y) if len(y) else MetaHead.analytic()
 
-    heads = SageHeads(fp, s.base_name, fork["layers"], fork["weights"], fork["fit"]["threshold"], fork["inverse"], meta,
-                      trained=s.fork_problems != 0)
+    heads = SageHeads(fp, s.base_name, fork["layers"], fork["weights"], fork["threshold"], fork["inverse"], meta,
+                      trained=with_forks)
     heads.info = {"meta": "trained" if use_meta else "samples", "inverse": "trained" if heads.trained else "analytic"}
 
     # 5. held-out evaluation through llama.cpp, as sage ask runs
