@@ -31,11 +31,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sage ask "$(DEMO_PROBLEM)" --model $(DEMO_MODEL) --budget $(DEMO_BUDGET)
 
+# the test files spread over one pytest-xdist worker per core (tests/conftest.py gives each
+# one llama.cpp thread); a file stays on one worker, so its module fixtures are built once
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -405,6 +405,23 @@ def tracking_ratio(table: dict) -> float | None:
 # --- decoding many sequences at once ---------------------------------------------------------
 
 SEQUENCES = (1, 4, 8, 16, 32)
+MAX_SEQUENCES = 64  # the most `sage bench --sequences` decodes at once (sage ask samples 16)
+
+
+def parse_sequences(text: str) -> tuple[int, ...]:
+    """`--sequences`: comma-separated counts of sequences decoded at once, or 'none' (())."""
+    from sage.errors import SageError
+
+    text = text.strip()
+    if text.lower() == "none":
+        return ()
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise SageError(f"--sequences takes comma-separated counts such as 1,4,16 or 'none', not {text!r}") from None
+    if not counts or any(not 1 <= b <= MAX_SEQUENCES for b in counts):
+        raise SageError(f"--sequences: each count between 1 and {MAX_SEQUENCES}")
+    return tuple(sorted(set(counts)))
 
 
 def multi_sequence_throughput(

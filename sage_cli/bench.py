@@ -43,6 +43,11 @@ def bench(
                      "'none' for the analytic heads.", show_default=False),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", "-s", help="Seed of the problem sample.")] = 0,
+    sequences_arg: Annotated[
+        str,
+        typer.Option("--sequences", help="Sequence counts whose decode throughput is measured after the "
+                     "configurations, comma-separated ('none': skip it)."),
+    ] = "1,4,8,16,32",
     workers: WorkersOpt = None,
     ray: RayOpt = None,
     json_out: JsonOpt = False,
@@ -58,8 +63,8 @@ def bench(
     the user data dir in bench/. The progress bar names the configuration, repetition
     and problem that runs.
 
-    Then it measures the aggregate decode throughput of 1, 4, 8, 16 and 32 sequences at once,
-    and prints the tracking overhead ((2)'s tokens/s over (1)'s, and which tracker ran) and
+    Then it measures the aggregate decode throughput of 1, 4, 8, 16 and 32 sequences at once
+    (--sequences), and prints the tracking overhead ((2)'s tokens/s over (1)'s, and which tracker ran) and
     the machine: CPU, threads, the instruction sets llama.cpp's kernels were built for.
 
     Cost: (4) dominates: its time grows with --budget (the sampled tokens decode at the
@@ -72,8 +77,8 @@ def bench(
 
     Example: sage bench --mem --n-problems 5 --reps 3   (longer and steadier than the defaults)
     """
-    from sage.bench import (CONFIGS, PAPER, BenchSettings, machine, run_bench, run_over_workers, summarize,
-                            total_steps, tracker_kind, tracking_ratio)
+    from sage.bench import (CONFIGS, PAPER, BenchSettings, machine, parse_sequences, run_bench, run_over_workers,
+                            summarize, total_steps, tracker_kind, tracking_ratio)
     from sage.problems import problem_set
     from sage.errors import SageError
     from sage.trace import write_json_atomic
@@ -85,6 +90,7 @@ def bench(
             raise SageError(f"{name} must be at least 1")
     if budget < 0:
         raise SageError("--budget must be >= 0 tokens")
+    seq_counts = parse_sequences(sequences_arg)
     if workers is not None and workers < 1:
         raise SageError("--workers must be at least 1")
     if ray is not None:
@@ -136,14 +142,15 @@ def bench(
         runs = go()
     table = summarize(runs, probs, mem)
     sequences = None
-    if not accuracy:  # what batched rollouts and branch sampling get from this machine
+    if not accuracy and seq_counts:  # what batched rollouts and branch sampling get from this machine
         from sage.bench import multi_sequence_throughput
 
         if view:
-            with view.status("decoding 1, 4, 8, 16 and 32 sequences at once"):
-                sequences = multi_sequence_throughput(resolved.path)
+            counts = ", ".join(map(str, seq_counts[:-1])) + (" and " if len(seq_counts) > 1 else "") + str(seq_counts[-1])
+            with view.status(f"decoding {counts} sequences at once"):
+                sequences = multi_sequence_throughput(resolved.path, sequences=seq_counts)
         else:
-            sequences = multi_sequence_throughput(resolved.path)
+            sequences = multi_sequence_throughput(resolved.path, sequences=seq_counts)
     result = {
         "model": resolved.name,
         "model_path": str(resolved.path),

@@ -330,8 +330,9 @@ def agrees(a: Agreement, kl_max: float) -> bool:
     return a.kl_mean < kl_max and a.n_clear >= a.n // 2 and a.top1_clear >= 0.99
 
 
-def broken_variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Copies of `model`, each with one bug a reference architecture could have."""
+def broken_variants(model: torch.nn.Module):
+    """Copies of `model`, each with one bug a reference architecture could have, one at a
+    time: (name, copy) (a copy of Qwen2.5-0.5B in float32 is 2 GB)."""
     args = model.args
 
     def variant(fix) -> torch.nn.Module:
@@ -369,7 +370,14 @@ def broken_variants(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         bugs.append(drop_bias)
     if args.num_key_value_heads > 1:  # with one kv head there is no grouping to get wrong
         bugs.append(kv_heads_reordered)
-    return {f.__name__: variant(f) for f in bugs}
+    for f in bugs:
+        yield f.__name__, variant(f)
+
+
+# positions a broken variant is compared on (the copies' forwards were most of these tests'
+# time): the closest bug, Gemma's rope base, had mean KL 0.016 over 128 positions here (AVX2),
+# 2.7 times the bound; over 64 only 0.009
+N_BROKEN = 128
 
 
 def check_parity(path: Path, kl_max: float) -> None:
@@ -378,8 +386,8 @@ def check_parity(path: Path, kl_max: float) -> None:
     a = compare_logits(ref, torch_logits(model, tokens))
     print(f"{path.name}: {a}")
     assert agrees(a, kl_max), a
-    for name, broken in broken_variants(model).items():
-        b = compare_logits(ref, torch_logits(broken, tokens))
+    for name, broken in broken_variants(model):
+        b = compare_logits(ref[:N_BROKEN], torch_logits(broken, tokens[:N_BROKEN]))
         print(f"  broken ({name}): {b}")
         assert not agrees(b, kl_max), f"the parity check passes an architecture with {name}: {b}"
 

@@ -100,7 +100,7 @@ def _positive_finite(x):
 
 
 def test_short_bench_every_configuration():
-    res = _bench()
+    res = _bench("--sequences", "4,1")  # (the default 1,4,8,16,32 takes about a minute more)
     assert list(res["configs"]) == list(CONFIGS)
     for c, row in res["configs"].items():
         assert _positive_finite(row["tokens_per_s"]["median"]), c
@@ -109,7 +109,7 @@ def test_short_bench_every_configuration():
     saved = list((Path(os.environ["SAGE_HOME"]) / "bench").glob("*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["configs"].keys() == res["configs"].keys()
     seqs = res["sequences_tokens_per_s"]  # this machine's decode throughput with several sequences
-    assert list(seqs) == ["1", "4", "8", "16", "32"] and all(_positive_finite(v) for v in seqs.values())
+    assert list(seqs) == ["1", "4"] and all(_positive_finite(v) for v in seqs.values())
     # the tracking overhead beside the configurations, and what it was measured on
     tr, rows = res["tracking"], res["configs"]
     assert tr["tracker"] == "native"  # the install builds it; where it does not, the bench says so
@@ -149,7 +149,8 @@ def test_multi_sequence_throughput(smollm2_path):
 
 @pytest.mark.slow
 def test_short_bench_memory():
-    res = _bench("--mem")
+    res = _bench("--mem", "--sequences", "none")
+    assert res["sequences_tokens_per_s"] is None
     for c, row in res["configs"].items():
         m = row["memory"]
         assert _positive_finite(m["peak_rss"]) and _positive_finite(m["weights_file"]), c
@@ -192,7 +193,8 @@ def test_accuracy_mode():
 
 
 @pytest.mark.parametrize("args,needle", [(["--problems", "nope.jsonl"], "no problems file"), (["--n-problems", "0"], "--n-problems"),
-                                         (["--reps", "0"], "--reps"), (["--workers", "0"], "--workers"), (["--ray", "local"], "--ray applies to --accuracy"), (["--heads", "nope.sage.gguf"], "no heads")])
+                                         (["--reps", "0"], "--reps"), (["--workers", "0"], "--workers"), (["--ray", "local"], "--ray applies to --accuracy"), (["--heads", "nope.sage.gguf"], "no heads"),
+                                         (["--sequences", "0"], "--sequences"), (["--sequences", "1,x"], "--sequences")])
 def test_bench_bad_input(args, needle):
     r = runner.invoke(app, ["bench", *args])
     assert r.exit_code == 2
