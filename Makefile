@@ -32,8 +32,9 @@ demo: $(STAMP)
 	$(BIN)/sage ask "$(DEMO_PROBLEM)" --model $(DEMO_MODEL) --budget $(DEMO_BUDGET)
 
 # the test files spread over one pytest-xdist worker per core (tests/conftest.py gives each
-# one llama.cpp thread); a file stays on one worker, so its module fixtures are built once
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+# one llama.cpp thread); a file stays on one worker, so its module fixtures are built once;
+# files are handed out in collection order (conftest.py puts the longest first), not by count
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST)

@@ -20,8 +20,9 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # the files with the longest tests first (in this order; the others after them, as
-# collected): xdist hands out files in collection order, so the longest, `sage heads train`
-# end to end (about 5 minutes), starts at once instead of running alone at the end
+# collected): with --no-loadscope-reorder (the Makefile) xdist hands out files in this order,
+# so the longest, `sage heads train` end to end (about 5 minutes), starts at once instead
+# of running alone at the end
 LONGEST_FIRST = ("test_heads_train.py", "test_workers.py", "test_arch.py", "test_presets.py", "test_bench.py")
 
 
