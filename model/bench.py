@@ -408,10 +408,11 @@ SEQUENCES = (1, 4, 8, 16, 32)
 MAX_SEQUENCES = 64  # the most `sage bench --sequences` decodes at once (sage ask samples 16)
 
 
-def parse_sequences(text: str) -> tuple[int, ...]:
-    """`--sequences`: comma-separated counts of sequences decoded at once, or 'none' (())."""
-    from sage.errors import SageError
-
+def parse_sequences(text: str | None) -> tuple[int, ...]:
+    """`--sequences`: comma-separated counts of sequences decoded at once, 'none' (()), or
+    None for the default SEQUENCES."""
+    if text is None:
+        return SEQUENCES
     text = text.strip()
     if text.lower() == "none":
         return ()

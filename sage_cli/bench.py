@@ -44,10 +44,10 @@ def bench(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", "-s", help="Seed of the problem sample.")] = 0,
     sequences_arg: Annotated[
-        str,
+        Optional[str],
         typer.Option("--sequences", help="Sequence counts whose decode throughput is measured after the "
-                     "configurations, comma-separated ('none': skip it)."),
-    ] = "1,4,8,16,32",
+                     "configurations, comma-separated (default 1,4,8,16,32; 'none': skip it).", show_default=False),
+    ] = None,
     workers: WorkersOpt = None,
     ray: RayOpt = None,
     json_out: JsonOpt = False,

@@ -264,3 +264,13 @@ def test_progress_per_problem_in_process(smollm2_path):
     done = [(st.config, st.rep, st.problem) for _, st in steps if st.done]
     assert done == [(c, 0, 0) for c in configs] + [(c, 1, k) for k in (1, 2) for c in configs]
     assert len(done) == total_steps(2, 1, False, configs)
+
+
+def test_parse_sequences():
+    from sage.bench import SEQUENCES, parse_sequences
+
+    assert parse_sequences(None) == SEQUENCES == (1, 4, 8, 16, 32)  # the default counts
+    assert parse_sequences(" none ") == () and parse_sequences("16,1,16") == (1, 16)
+    for bad in ("", "0", "65", "1,,2", "x"):
+        with pytest.raises(SageError, match="--sequences"):
+            parse_sequences(bad)
