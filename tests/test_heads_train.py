@@ -139,6 +139,21 @@ def test_meta_head_is_used_only_where_it_beats_the_samples_share():
     assert fit_meta(x[:20], y[:20], np.full(20, 0.5), seed=0)[1] is False
 
 
+def test_meta_ridge_is_chosen_out_of_fold():
+    from sage.reference.train import META_L2
+
+    rng = np.random.default_rng(6)
+    # features that carry nothing: the strongest ridge predicts best out of fold
+    y = (rng.random(60) < 0.6).astype(float)
+    _, _, info = fit_meta(rng.normal(size=(60, len(META_FEATURES))), y, np.full(60, 0.6), seed=0)
+    assert info["meta_l2"] == max(META_L2)
+    # one feature that carries it, many answers: a weak ridge
+    x = rng.normal(size=(600, len(META_FEATURES)))
+    y = (rng.random(600) < 1 / (1 + np.exp(-4 * x[:, 0]))).astype(float)
+    head, used, info = fit_meta(x, y, np.full(600, 0.8), seed=0)  # a share that is off
+    assert info["meta_l2"] <= 1.0 and used and head.w[0] == pytest.approx(4.0, abs=1.0)
+
+
 def test_training_problems_are_seeded_and_disjoint():
     tr, te = training_problems(12, seed=5, holdout=0.25)
     tr2, te2 = training_problems(12, seed=5, holdout=0.25)

@@ -18,7 +18,8 @@
    analytic start (0 epochs) included; its threshold is the one of best balanced accuracy
    (Youden's J) out of fold. The same training on feature subsets is the ablation.
 4. meta-cognitive head: ridge logistic regression over the answer features (the sampled
-   answers against the chain's, the chain's uncertainty); `sage ask` uses it only where
+   answers against the chain's, the chain's uncertainty), its ridge strength the one of
+   best out-of-fold Brier score on the training answers; `sage ask` uses it only where
    its out-of-fold predictions on the training answers beat the samples' share in
    ECE and in Brier score.
 5. evaluation on held-out problems, as `sage ask` runs: chains regenerated through
@@ -396,28 +397,45 @@ def answer_rows(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, list[E
     return (np.array(xs).reshape(-1, len(META_FEATURES)), np.array(ys), used)
 
 
+META_L2 = (0.1, 1.0, 10.0, 100.0)  # the meta head's ridge strengths, chosen out of fold
+
+
+def _oof_meta(x: np.ndarray, y: np.ndarray, seed: int, folds: int, l2: float) -> np.ndarray:
+    """Out-of-fold predictions of the meta head (`folds`-fold, seeded)."""
+    idx = np.random.default_rng(seed).permutation(len(y))
+    pred = np.zeros(len(y))
+    for f in range(folds):
+        va = idx[f::folds]
+        tr = np.setdiff1d(idx, va)
+        head = train_meta(x[tr], y[tr], l2)
+        pred[va] = [head(r) for r in x[va]]
+    return pred
+
+
 def fit_meta(x: np.ndarray, y: np.ndarray, share: np.ndarray, seed: int, folds: int = 5,
              least: int = 30) -> tuple[MetaHead, bool, dict]:
-    """The meta head on all training answers, and whether `sage ask` should use it: its
-    out-of-fold predictions (`folds`-fold, seeded) must beat the samples' share (`share`,
-    what sage ask shows otherwise) both in calibration (ECE) and in Brier score (a proper
+    """The meta head on all training answers, and whether `sage ask` should use it.
+
+    Its ridge strength is the one of META_L2 with the lowest out-of-fold Brier score
+    (`folds`-fold, seeded): eight features on a few dozen answers overfit at a fixed weak
+    ridge. Its out-of-fold predictions must then beat the samples' share (`share`, what
+    sage ask shows otherwise) both in calibration (ECE) and in Brier score (a proper
     score: it also counts how well right answers are told from wrong ones, which a head
     can lose while its ECE, on few answers, looks better by chance). Fewer than `least`
     answers: the analytic head, unused."""
     info: dict = {"meta_cv_answers": int(len(y))}
     if len(y) < least:
         return MetaHead.analytic(), False, info
-    idx = np.random.default_rng(seed).permutation(len(y))
-    pred = np.zeros(len(y))
-    for f in range(folds):
-        va = idx[f::folds]
-        tr = np.setdiff1d(idx, va)
-        head = train_meta(x[tr], y[tr])
-        pred[va] = [head(r) for r in x[va]]
-    info.update(meta_cv_ece=ece(pred, y), meta_cv_ece_share=ece(share, y),
-                meta_cv_brier=float(np.mean((pred - y) ** 2)), meta_cv_brier_share=float(np.mean((share - y) ** 2)))
+    briers = {}
+    for l2 in META_L2:
+        pred = _oof_meta(x, y, seed, folds, l2)
+        briers[l2] = (float(np.mean((pred - y) ** 2)), pred)
+    l2 = min(META_L2, key=lambda v: (briers[v][0], v))
+    brier, pred = briers[l2]
+    info.update(meta_l2=l2, meta_cv_ece=ece(pred, y), meta_cv_ece_share=ece(share, y),
+                meta_cv_brier=brier, meta_cv_brier_share=float(np.mean((share - y) ** 2)))
     better = info["meta_cv_ece"] < info["meta_cv_ece_share"] and info["meta_cv_brier"] < info["meta_cv_brier_share"]
-    return train_meta(x, y), bool(better), info
+    return train_meta(x, y, l2), bool(better), info
 
 
 # --- the whole command -----------------------------------------------------------------------
