@@ -41,6 +41,20 @@ def test_ece():
     assert ece([1.0], [0]) == pytest.approx(1.0)
 
 
+def test_chance_ece_is_what_a_calibrated_confidence_shows_by_chance():
+    from sage.reference.train import chance_ece
+
+    rng = np.random.default_rng(7)
+    p = rng.uniform(0.05, 0.95, 2000)
+    # certain confidences leave nothing to chance; more answers, less chance error
+    assert chance_ece(np.r_[np.zeros(50), np.ones(50)]) == 0.0
+    few, many = chance_ece(p[:50], draws=300), chance_ece(p, draws=300)
+    assert many < few / 3 and 0.0 < many < 0.03
+    # a confidence that is off by 0.15 shows far more than chance on the same answers
+    y = rng.random(2000) < np.clip(p - 0.15, 0, 1)
+    assert ece(p, y) > 3 * many
+
+
 def test_select_heads_keeps_the_best_within_the_layer_budget():
     scores = np.full((5, 4), 0.5)
     scores[0, 1], scores[1, 2], scores[2, 0], scores[3, 3], scores[1, 0] = 0.9, 0.8, 0.7, 0.65, 0.6
@@ -186,7 +200,7 @@ def test_heads_train_end_to_end(tmp_path, smollm2_path, run_sage):
     assert m["train_problems"] + m["test_problems"] == 12 and m["test_problems"] >= 1 and m["train_labels"] > 0
     assert m["train_fork_problems"] + m["test_fork_problems"] <= 10
     for k in ("auroc_trained", "auroc_analytic", "auroc_entropy", "recall_trained", "ece_trained", "ece_share",
-              "ece_entropy", "test_answers", "meta_used"):
+              "ece_entropy", "ece_chance_share", "test_answers", "meta_used"):
         assert k in m
     assert set(m["ablation"]) == {"base", "base + attention concentration", "base + entropy along the chain",
                                   "base + position and answer", "base + token and alternative"}

@@ -90,6 +90,17 @@ def ece(probs, labels, bins: int = 10) -> float:
     return float(err)
 
 
+def chance_ece(probs, draws: int = 2000, seed: int = 0, bins: int = 10) -> float:
+    """The ECE a perfectly calibrated confidence would still show on these answers, by
+    chance alone: the mean ECE over `draws` outcomes drawn right with probability p
+    (seeded). An ECE near it is as good as this many answers can show."""
+    p = np.asarray(probs, np.float64)
+    if len(p) == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    return float(np.mean([ece(p, rng.random(len(p)) < p, bins) for _ in range(draws)]))
+
+
 # --- labels ----------------------------------------------------------------------------------
 
 
@@ -569,6 +580,8 @@ def evaluate(heads: SageHeads, s: TrainSettings, forks: list[Example], answers: 
         "test_answers": int(len(yc)), "test_correct": int(yc.sum()),
         "ece_trained": ece(pred, yc), "ece_share": ece(share, yc), "ece_entropy": ece(ent, yc),
         "ece_token_prob": ece(tok, yc),
+        # what chance alone gives a perfectly calibrated confidence on this many answers
+        "ece_chance_trained": chance_ece(pred), "ece_chance_share": chance_ece(share),
         "auroc_conf_trained": auroc(pred, yc), "auroc_conf_share": auroc(share, yc),
         "auroc_conf_entropy": auroc(ent, yc), "auroc_conf_token_prob": auroc(tok, yc),
     })

@@ -138,6 +138,12 @@ def metrics_view(m: dict, title: Text) -> list:
         "forks among the tokens sage samples when their step moves the answer. answer ECE: how far the stated "
         "confidence is from the share of answers that are right, on average; 0 is perfect. 'analytic' for answers "
         "is the share of samples that reach the answer.", style="dim"))
+    if _f(m["ece_chance_share"]) != "—":
+        out.append(Text(
+            f"on {_n(m['test_answers'])} answers, a perfectly calibrated confidence would still show an ECE of about "
+            f"{_f(m['ece_chance_trained'], '{:.2f}')} (the meta head's spread of confidences) or "
+            f"{_f(m['ece_chance_share'], '{:.2f}')} (the share's) by chance alone: an ECE near that is as good as "
+            "this many answers can tell.", style="dim"))
     abl = m["ablation"] if isinstance(m["ablation"], dict) else {}
     if abl:
         line = Text("ablation (fork AUROC, random tokens): ", style="dim")
