@@ -155,7 +155,7 @@ def metrics_view(m: dict, title: Text) -> list:
         out.append(Text(
             ("the confidence sage ask shows is the meta-cognitive head's" if used is True else
              "the confidence sage ask shows stays the samples' share (out of fold, the fitted meta head did not beat it in "
-             "ECE and Brier score on the training answers, or they were too few)")
+             "ECE and Brier score, or ranked right from wrong answers worse, on the training answers, or they were too few)")
             + f"; token probability alone: ECE {_f(m['ece_token_prob'])}. Trained on {_n(m['train_labels'])} "
             f"labelled tokens ({_n(m['train_forks'])} forks) of {_n(m['train_fork_problems'])} problems and "
             f"{_n(m['train_answers'])} answers ({_n(m['train_correct'])} right).", style="dim"))
