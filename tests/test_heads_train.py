@@ -153,6 +153,20 @@ def test_meta_head_is_used_only_where_it_beats_the_samples_share():
     assert fit_meta(x[:20], y[:20], np.full(20, 0.5), seed=0)[1] is False
 
 
+def test_meta_head_that_ranks_worse_than_the_share_is_not_used():
+    # a share that orders every right answer above every wrong one but is miscalibrated
+    # (0.55 / 0.45), and a feature that carries rightness only noisily: the head is better
+    # calibrated (ECE, Brier) yet ranks worse, and would call sure answers unsure
+    rng = np.random.default_rng(8)
+    y = (rng.random(200) < 0.6).astype(float)
+    x = rng.normal(size=(200, len(META_FEATURES)))
+    x[:, 0] = 2 * (y - 0.5) + rng.normal(size=200)
+    share = np.where(y > 0, 0.55, 0.45)
+    _, used, info = fit_meta(x, y, share, seed=0)
+    assert info["meta_cv_ece"] < info["meta_cv_ece_share"] and info["meta_cv_brier"] < info["meta_cv_brier_share"]
+    assert info["meta_cv_auroc"] < info["meta_cv_auroc_share"] == 1.0 and not used
+
+
 def test_meta_ridge_is_chosen_out_of_fold():
     from sage.reference.train import META_L2
 

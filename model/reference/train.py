@@ -21,7 +21,7 @@
    answers against the chain's, the chain's uncertainty), its ridge strength the one of
    best out-of-fold Brier score on the training answers; `sage ask` uses it only where
    its out-of-fold predictions on the training answers beat the samples' share in
-   ECE and in Brier score.
+   ECE and in Brier score and rank right above wrong answers at least as well (AUROC).
 5. evaluation on held-out problems, as `sage ask` runs: chains regenerated through
    llama.cpp with the trained sidecar's tracker and with the analytic one, scored with the
    numpy heads, against the labels' independent samples: proposal AUROC on the random
