@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from sage.engine import Engine
-from sage.inverse import AnalysisConfig, token_features
+from sage.inverse import AnalysisConfig
 from sage.inverse.config import is_choice
-from sage.inverse.observe import Observation, PromptMap, step_of_tokens
+from sage.inverse.observe import step_of_tokens
 from sage.labels import is_fork, plan, read_labels
 from sage.presets import resolve_model
 from sage.reference.exact import load_model
-from sage.reference.train import head_rows, head_scores, labelled, select_heads, train_inverse
+from sage.reference.train import (chain_features, fork_targets, head_rows, head_scores, labelled,
+                                  select_heads, train_inverse)
 
 
 def oof_scores(model_path: Path, examples, folds: int, seed: int) -> list[tuple[int, np.ndarray, float]]:
@@ -48,7 +49,7 @@ def oof_scores(model_path: Path, examples, folds: int, seed: int) -> list[tuple[
         eng.close()
     model = load_model(model_path)
     rows = [head_rows(model, e, full) for e in examples]
-    targets = [[{"token": lab["token"], "label": int(is_fork(lab))} for lab in labelled(e)] for e in examples]
+    targets = [fork_targets(e) for e in examples]
     idx = np.random.default_rng(seed).permutation(len(examples))
     out = []
     for f in range(folds):
@@ -57,11 +58,7 @@ def oof_scores(model_path: Path, examples, folds: int, seed: int) -> list[tuple[
         hs = head_scores([rows[i] for i in tr], [examples[i] for i in tr])
         layers, weights = select_heads(hs, full, 8, 4)
         li = [full.index(x) for x in layers]
-        feats = []
-        for r, e in zip(rows, examples):
-            attn, vattn = r.rows(li, weights)
-            prompt = PromptMap([""] * len(e.in_problem), np.array(e.in_problem, bool))
-            feats.append(token_features(Observation(e.get_trace(), len(e.prompt_tokens), prompt, attn, vattn)))
+        feats = [chain_features(r, e, li, weights) for r, e in zip(rows, examples)]
         layer, fit = train_inverse([feats[i] for i in tr], [targets[i] for i in tr], depth=6, width=16, epochs=300,
                                    seed=0)
         out += [(i, np.asarray(layer(feats[i]), np.float64), fit["threshold"]) for i in va]

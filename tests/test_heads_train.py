@@ -296,3 +296,24 @@ def test_youden_threshold():
     assert youden_threshold(np.array([0.1, 0.5, 0.3, 0.2, 0.7, 0.9]), y) == pytest.approx(0.7)
     assert youden_threshold(np.array([0.3, 0.4]), np.array([1, 1], bool)) == 0.5
     assert youden_threshold(np.array([0.01, 0.02, 0.03]), np.array([0, 1, 1], bool)) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("used", [False, True])
+def test_heads_show_marks_an_unused_meta_head_and_gives_the_chance_of_what_ask_shows(used):
+    """`sage heads show`: the fitted meta head's held-out numbers are marked "(not used)"
+    where training kept the samples' share, and the chance-ECE sentence is that of the
+    confidence sage ask shows (the share's, unless the meta head is used)."""
+    from rich.console import Console
+
+    from sage.cli.ui.heads import metrics_view
+
+    m = {"test_answers": 202, "test_correct": 133, "ece_trained": 0.081, "ece_share": 0.086, "ece_entropy": 0.017,
+         "auroc_conf_trained": 0.946, "auroc_conf_share": 0.972, "ece_chance_trained": 0.049,
+         "ece_chance_share": 0.042, "meta_used": used}
+    con = Console(width=200, record=True, color_system=None)
+    for r in metrics_view(m, "measured"):
+        con.print(r)
+    text = con.export_text()
+    assert ("0.081 (not used)" in text and "0.946 (not used)" in text) is (not used)
+    assert ("about 0.04 by chance" in text) is (not used) and ("about 0.05 by chance" in text) is used
+    assert ("the samples' share's spread" in text) is (not used)

@@ -603,6 +603,21 @@ def _nan_to_none(v):
     return v
 
 
+def chain_features(rows: HeadRows, e: Example, layer_idx: list[int], weights: np.ndarray) -> np.ndarray:
+    """The inverse layer's token features of e's chain under the chosen heads (layer_idx:
+    their layers' positions among the full-attention layers; weights: theirs)."""
+    attn, vattn = rows.rows(layer_idx, weights)
+    # the labels file keeps which prompt tokens are the problem's, not their texts (the
+    # features do not read them)
+    prompt = PromptMap([""] * len(e.in_problem), np.array(e.in_problem, bool))
+    return token_features(Observation(e.get_trace(), len(e.prompt_tokens), prompt, attn, vattn))
+
+
+def fork_targets(e: Example) -> list[dict]:
+    """The inverse layer's targets of e: its labelled tokens, 1 where a fork."""
+    return [{"token": lab["token"], "label": int(is_fork(lab))} for lab in labelled(e)]
+
+
 def _fork_heads(s: TrainSettings, tr_ex: list[Example], full: list[int], emit) -> dict:
     """Steps 2 and 3 (module docstring): the tracking heads and the inverse layer, trained
     on the token labels of the training fork problems, and the ablation's variants."""
@@ -623,15 +638,9 @@ def _fork_heads(s: TrainSettings, tr_ex: list[Example], full: list[int], emit) -
 
     # 3. inverse layer on the features under the chosen heads
     emit("inverse", {})
-    feats = []
-    for r, e in zip(rows, tr_ex):
-        attn, vattn = r.rows(li, weights)
-        # the labels file keeps which prompt tokens are the problem's, not their texts (the
-        # features do not read them)
-        prompt = PromptMap([""] * len(e.in_problem), np.array(e.in_problem, bool))
-        feats.append(token_features(Observation(e.get_trace(), len(e.prompt_tokens), prompt, attn, vattn)))
+    feats = [chain_features(r, e, li, weights) for r, e in zip(rows, tr_ex)]
     del rows
-    targets = [[{"token": lab["token"], "label": int(is_fork(lab))} for lab in labelled(e)] for e in tr_ex]
+    targets = [fork_targets(e) for e in tr_ex]
     fit_args = dict(depth=s.depth, width=s.width, epochs=s.epochs, seed=s.seed)
     inverse, fit = train_inverse(feats, targets, **fit_args)
     variants: dict[str, InverseLayer] = {}

@@ -127,9 +127,12 @@ def metrics_view(m: dict, title: Text) -> list:
               _f(m["auroc_trained"]), _f(m["auroc_analytic"]), _f(m["auroc_entropy"]))
     t.add_row("recall of the forks among the candidates", _f(m["recall_trained"]), _f(m["recall_analytic"]),
               _f(m["recall_entropy"]))
-    t.add_row(f"answer ECE ({_n(m['test_answers'])} answers, {_n(m['test_correct'])} right)", _f(m["ece_trained"]),
-              _f(m["ece_share"]), _f(m["ece_entropy"]))
-    t.add_row("answer AUROC (right above wrong)", _f(m["auroc_conf_trained"]), _f(m["auroc_conf_share"]),
+    # the fitted meta head's numbers are shown even where training did not keep it, marked so:
+    # then sage ask shows the samples' share (the analytic column)
+    unused = " (not used)" if m["meta_used"] is False else ""
+    t.add_row(f"answer ECE ({_n(m['test_answers'])} answers, {_n(m['test_correct'])} right)",
+              _f(m["ece_trained"]) + unused, _f(m["ece_share"]), _f(m["ece_entropy"]))
+    t.add_row("answer AUROC (right above wrong)", _f(m["auroc_conf_trained"]) + unused, _f(m["auroc_conf_share"]),
               _f(m["auroc_conf_entropy"]))
     out: list = [t]
     out.append(Text(
@@ -138,12 +141,14 @@ def metrics_view(m: dict, title: Text) -> list:
         "forks among the tokens sage samples when their step moves the answer. answer ECE: how far the stated "
         "confidence is from the share of answers that are right, on average; 0 is perfect. 'analytic' for answers "
         "is the share of samples that reach the answer.", style="dim"))
-    if _f(m["ece_chance_share"]) != "—":
+    # the chance ECE of the confidence sage ask shows: the meta head's where it is used, else the share's
+    chance, whose = ((m["ece_chance_trained"], "the meta head's") if m["meta_used"] is True
+                     else (m["ece_chance_share"], "the samples' share's"))
+    if _f(chance) != "—":
         out.append(Text(
-            f"on {_n(m['test_answers'])} answers, a perfectly calibrated confidence would still show an ECE of about "
-            f"{_f(m['ece_chance_trained'], '{:.2f}')} (the meta head's spread of confidences) or "
-            f"{_f(m['ece_chance_share'], '{:.2f}')} (the share's) by chance alone: an ECE near that is as good as "
-            "this many answers can tell.", style="dim"))
+            f"on {_n(m['test_answers'])} answers, a perfectly calibrated confidence with {whose} spread would still "
+            f"show an ECE of about {_f(chance, '{:.2f}')} by chance alone: an ECE near that is as good as this many "
+            "answers can tell.", style="dim"))
     abl = m["ablation"] if isinstance(m["ablation"], dict) else {}
     if abl:
         line = Text("ablation (fork AUROC, random tokens): ", style="dim")
