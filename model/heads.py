@@ -188,7 +188,8 @@ class SageHeads:
         return self.info.get("meta") == "trained"
 
     def calibration(self) -> dict[str, float | None]:
-        """What the sidecar measured of its meta head on held-out answers: ece, answers, right."""
+        """What the sidecar measured of its meta head on held-out answers (ece, answers, right),
+        and whether the head reads the chain's own uncertainty (chain: 1.0) or only the samples."""
         import json
 
         try:
@@ -201,7 +202,11 @@ class SageHeads:
             v = m.get(key)
             return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else None
 
-        return {"ece": num("ece_trained"), "answers": num("test_answers"), "right": num("test_correct")}
+        # whether it reads the chain's own uncertainty, or only the samples (training may
+        # choose the samples' features alone: META_SETS), from its weights
+        chain = [META_FEATURES.index(n) for n in ("logit_token_prob", "mean_entropy", "cut")]
+        return {"ece": num("ece_trained"), "answers": num("test_answers"), "right": num("test_correct"),
+                "chain": float(bool(np.any(self.meta.w[chain] != 0)))}
 
     def describe(self) -> str:
         data = f" ({self.info['data']})" if "data" in self.info else ""

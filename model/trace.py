@@ -435,7 +435,7 @@ ANALYSIS_SCHEMA: dict[str, Any] = _obj(
     optional={"exact": {"anyOf": [{"type": "null"}, EXACT_SCHEMA]},
               "outcomes": {"anyOf": [{"type": "null"}, OUTCOMES_SCHEMA]},
               "calibration": {"anyOf": [{"type": "null"}, _obj({"share": _num}, optional={
-                  "ece": _opt_num, "answers": _opt_num, "right": _opt_num})]}},
+                  "ece": _opt_num, "answers": _opt_num, "right": _opt_num, "chain": _opt_num})]}},
 )
 
 TRACE_SCHEMA: dict[str, Any] = _obj(

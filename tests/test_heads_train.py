@@ -317,3 +317,43 @@ def test_heads_show_marks_an_unused_meta_head_and_gives_the_chance_of_what_ask_s
     assert ("0.081 (not used)" in text and "0.946 (not used)" in text) is (not used)
     assert ("about 0.04 by chance" in text) is (not used) and ("about 0.05 by chance" in text) is used
     assert ("the samples' share's spread" in text) is (not used)
+
+
+def test_a_recalibrated_share_is_judged_fairly_and_the_fewer_features_chosen():
+    """The share of 8 samples, underconfident (the truth is sharper: P(right) =
+    sigmoid(2.5 logit share)), and the chain's features noise: a head on the samples'
+    features alone recalibrates the share, orders the answers as the share does (AUROC
+    within the folds equal), beats it out of fold, and is used. Pooled over the folds,
+    its out-of-fold predictions (five fits) rank worse than the share: the rule of
+    `fit_meta` compares within the folds, or it could never keep a recalibration."""
+    from sage.reference.train import META_SETS, _oof_meta, only
+
+    rng = np.random.default_rng(11)
+    n = 300
+    k = rng.integers(0, 9, size=n)
+    share = k / 8
+    z = np.log((k + 0.5) / (8.5 - k))  # logit((k + 1/2) / 9), the feature as sage computes it
+    y = (rng.random(n) < 1 / (1 + np.exp(-2.5 * z))).astype(float)
+    x = rng.normal(size=(n, len(META_FEATURES)))
+    for f in META_SETS["samples"]:  # every sample reaches some answer; the others constant too
+        x[:, META_FEATURES.index(f)] = 0.0
+    x[:, META_FEATURES.index("logit_share")] = z
+    head, used, info = fit_meta(x, y, share, seed=0)
+    assert used and info["meta_features"] == "samples"
+    assert info["meta_cv_auroc"] == pytest.approx(info["meta_cv_auroc_share"], abs=1e-9)
+    assert info["meta_cv_ece"] < info["meta_cv_ece_share"] and info["meta_cv_brier"] < info["meta_cv_brier_share"]
+    assert head.w[META_FEATURES.index("logit_share")] == pytest.approx(2.5, abs=0.8)
+    assert all(head.w[META_FEATURES.index(f)] == 0 for f in META_FEATURES if f not in META_SETS["samples"])
+    pooled = _oof_meta(only(x, META_SETS["samples"]), y, 0, 5, info["meta_l2"])
+    assert auroc(pooled, y) < auroc(share, y)
+
+
+def test_meta_head_never_reads_the_number_of_samples():
+    """The number of samples follows the stopping rule in the labels but the user's
+    --budget in `sage ask`: even where it carries rightness, the head gives it no weight."""
+    rng = np.random.default_rng(12)
+    y = (rng.random(200) < 0.6).astype(float)
+    x = rng.normal(size=(200, len(META_FEATURES)))
+    x[:, META_FEATURES.index("log_samples")] = np.log(np.where(y > 0, 8, 16)) + 0.1 * rng.normal(size=200)
+    head, _, _ = fit_meta(x, y, np.full(200, 0.6), seed=0)
+    assert head.w[META_FEATURES.index("log_samples")] == 0

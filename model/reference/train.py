@@ -409,51 +409,80 @@ def answer_rows(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, list[E
 
 
 META_L2 = (0.1, 1.0, 10.0, 100.0)  # the meta head's ridge strengths, chosen out of fold
+# the meta head's feature sets, chosen out of fold with its ridge: the answers sampled from
+# the problem alone, or those and the chain's own uncertainty (four features are fewer to
+# overfit on a few dozen answers). Neither reads the number of samples (log_samples): in
+# the labels it follows the stopping rule at the default budget (more samples where they
+# disagree: on Qwen's 84 training answers it correlates -0.48 with rightness), in `sage ask`
+# also the user's --budget (3 samples at the demo's 1200 tokens), so its weight would not
+# carry over (a head with it put an answer 3 of 3 samples reached at 95 %)
+META_SETS: dict[str, tuple[str, ...]] = {
+    "samples": ("logit_share", "leader_agrees", "none_share", "distinct"),
+    "all": tuple(f for f in META_FEATURES if f != "log_samples"),
+}
+
+
+def _folds(n: int, seed: int, folds: int) -> list[np.ndarray]:
+    """The validation indices of each fold (seeded)."""
+    idx = np.random.default_rng(seed).permutation(n)
+    return [idx[f::folds] for f in range(folds)]
 
 
 def _oof_meta(x: np.ndarray, y: np.ndarray, seed: int, folds: int, l2: float) -> np.ndarray:
     """Out-of-fold predictions of the meta head (`folds`-fold, seeded)."""
-    idx = np.random.default_rng(seed).permutation(len(y))
     pred = np.zeros(len(y))
-    for f in range(folds):
-        va = idx[f::folds]
-        tr = np.setdiff1d(idx, va)
+    for va in _folds(len(y), seed, folds):
+        tr = np.setdiff1d(np.arange(len(y)), va)
         head = train_meta(x[tr], y[tr], l2)
         pred[va] = [head(r) for r in x[va]]
     return pred
+
+
+def _fold_auroc(pred: np.ndarray, y: np.ndarray, seed: int, folds: int) -> float:
+    """The mean AUROC within the folds (nan where no fold has both classes). Within a
+    fold, as each head is one fit: pooled out-of-fold predictions of five fits rank worse
+    than any one of them (a monotone recalibration of the share, which ranks exactly as
+    the share does, pooled: 0.874 against the share's 0.900 on Qwen's 84 training answers)."""
+    vals = [auroc(pred[va], y[va]) for va in _folds(len(y), seed, folds)]
+    vals = [v for v in vals if v == v]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def fit_meta(x: np.ndarray, y: np.ndarray, share: np.ndarray, seed: int, folds: int = 5,
              least: int = 30) -> tuple[MetaHead, bool, dict]:
     """The meta head on all training answers, and whether `sage ask` should use it.
 
-    Its ridge strength is the one of META_L2 with the lowest out-of-fold Brier score
-    (`folds`-fold, seeded): eight features on a few dozen answers overfit at a fixed weak
-    ridge. Its out-of-fold predictions must then beat the samples' share (`share`, what
-    sage ask shows otherwise) both in calibration (ECE) and in Brier score (a proper
-    score: it also counts how well right answers are told from wrong ones, which a head
-    can lose while its ECE, on few answers, looks better by chance), and rank them at
-    least as well (AUROC). Fewer than `least`
-    answers: the analytic head, unused."""
+    Every feature set of META_SETS at every ridge strength of META_L2 (on standardized
+    features; eight features on a few dozen answers overfit at a weak ridge) is judged
+    out of fold (`folds`-fold, seeded) against the samples' share (`share`, what sage ask
+    shows otherwise): it must beat the share in calibration (ECE) and in Brier score (a
+    proper score: it also counts how well right answers are told from wrong ones, which a
+    head can lose while its ECE, on few answers, looks better by chance), and rank right
+    above wrong answers at least as well (AUROC within the folds). Of those that do, the
+    one of lowest Brier score is used; none: the share stays (the head of lowest Brier
+    score is still fitted and reported). Fewer than `least` answers: the analytic head,
+    unused."""
     info: dict = {"meta_cv_answers": int(len(y))}
     if len(y) < least:
         return MetaHead.analytic(), False, info
-    briers = {}
-    for l2 in META_L2:
-        pred = _oof_meta(x, y, seed, folds, l2)
-        briers[l2] = (float(np.mean((pred - y) ** 2)), pred)
-    l2 = min(META_L2, key=lambda v: (briers[v][0], v))
-    brier, pred = briers[l2]
-    info.update(meta_l2=l2, meta_cv_ece=ece(pred, y), meta_cv_ece_share=ece(share, y),
-                meta_cv_brier=brier, meta_cv_brier_share=float(np.mean((share - y) ** 2)))
-    # and it must tell right from wrong at least as well as the share (AUROC): a head that
-    # is better calibrated on average but ranks worse calls unanimous, right answers
-    # unsure (Qwen, 84 training answers: the head put one that 8 of 8 samples reached at 71 %)
-    info.update(meta_cv_auroc=auroc(pred, y), meta_cv_auroc_share=auroc(share, y))
-    ranks = not info["meta_cv_auroc"] < info["meta_cv_auroc_share"]  # (nan: one class, not judged)
-    better = (info["meta_cv_ece"] < info["meta_cv_ece_share"] and info["meta_cv_brier"] < info["meta_cv_brier_share"]
-              and ranks)
-    return train_meta(x, y, l2), bool(better), info
+    base = {"meta_cv_ece_share": ece(share, y), "meta_cv_brier_share": float(np.mean((share - y) ** 2)),
+            "meta_cv_auroc_share": _fold_auroc(np.asarray(share, float), y, seed, folds)}
+    cands = []
+    for name, feats in META_SETS.items():
+        for l2 in META_L2:
+            pred = _oof_meta(only(x, feats), y, seed, folds, l2)
+            c = {"meta_features": name, "meta_l2": l2, "meta_cv_ece": ece(pred, y),
+                 "meta_cv_brier": float(np.mean((pred - y) ** 2)), "meta_cv_auroc": _fold_auroc(pred, y, seed, folds)}
+            # it must also rank at least as well as the share: a head better calibrated on
+            # average but ranking worse calls unanimous, right answers unsure (Qwen, 84
+            # training answers: the head put one that 8 of 8 samples reached at 71 %)
+            c["ok"] = (c["meta_cv_ece"] < base["meta_cv_ece_share"] and c["meta_cv_brier"] < base["meta_cv_brier_share"]
+                       and not c["meta_cv_auroc"] < base["meta_cv_auroc_share"])  # (nan: one class, not judged)
+            cands.append(c)
+    good = [c for c in cands if c["ok"]]
+    best = min(good or cands, key=lambda c: c["meta_cv_brier"])  # (ties: the first, fewer features, weaker ridge)
+    info.update(base, **{k: v for k, v in best.items() if k != "ok"})
+    return train_meta(only(x, META_SETS[best["meta_features"]]), y, best["meta_l2"]), bool(good), info
 
 
 # --- the whole command -----------------------------------------------------------------------

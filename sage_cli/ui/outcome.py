@@ -131,8 +131,10 @@ def calibrated_words(an) -> Text:
     p = min(max(float(an.answer_confidence), 0.0), 1.0)
     cal = an.calibration or {}
     t = Text(f"the trained heads put the chance it is right at {p:.0%}", style="bold")
-    t.append(" (from the samples below and the chain's own uncertainty)", style="dim")
     ece, n, right = cal.get("ece"), cal.get("answers"), cal.get("right")
+    # (traces from before "chain" was recorded: their heads read both)
+    t.append(" (from the samples below" + ("" if cal.get("chain") == 0 else " and the chain's own uncertainty") + ")",
+             style="dim")
     if isinstance(ece, (int, float)) and isinstance(n, (int, float)) and n > 0:
         t.append(f"; on {n:.0f} held-out answers" + (f" ({right:.0f} right)" if isinstance(right, (int, float)) else "")
                  + f" such estimates were off by {100 * ece:.0f} points on average (ECE {ece:.2f})", style="dim")
