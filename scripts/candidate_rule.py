@@ -12,9 +12,9 @@ counted on the forks among the random-token labels (the unbiased sample) and on 
 labelled forks.
 
     .venv/bin/python scripts/candidate_rule.py --labels LABELS.jsonl --model smollm2-135m \\
-        -N 56 --holdout 0.4 --fork-problems 56 [--folds 5] [--seed 1]
+        -N 100 --holdout 0.4 --fork-problems 100 [--folds 5] [--seed 1]
 
-Takes about 20 minutes for the 38 training fork problems of the shipped SmolLM2 heads
+Takes about 30 minutes for the 73 training fork problems of the shipped SmolLM2 heads
 on one thread (one training of the inverse layer per fold).
 """
 
