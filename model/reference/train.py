@@ -453,7 +453,7 @@ def fit_meta(x: np.ndarray, y: np.ndarray, share: np.ndarray, seed: int, folds: 
     """The meta head on all training answers, and whether `sage ask` should use it.
 
     Every feature set of META_SETS at every ridge strength of META_L2 (on standardized
-    features; eight features on a few dozen answers overfit at a weak ridge) is judged
+    features; seven features on a few dozen answers overfit at a weak ridge) is judged
     out of fold (`folds`-fold, seeded) against the samples' share (`share`, what sage ask
     shows otherwise): it must beat the share in calibration (ECE) and in Brier score (a
     proper score: it also counts how well right answers are told from wrong ones, which a
