@@ -76,6 +76,10 @@ META_FEATURES = (
 )
 
 
+# the meta features that read the chain itself rather than the samples
+CHAIN_FEATURES = ("logit_token_prob", "mean_entropy", "cut")
+
+
 def logit(p: float) -> float:
     p = min(max(p, 1e-6), 1 - 1e-6)
     return float(np.log(p / (1 - p)))
@@ -203,8 +207,8 @@ class SageHeads:
             return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) else None
 
         # whether it reads the chain's own uncertainty, or only the samples (training may
-        # choose the samples' features alone: META_SETS), from its weights
-        chain = [META_FEATURES.index(n) for n in ("logit_token_prob", "mean_entropy", "cut")]
+        # choose the samples' features alone), from its weights
+        chain = [META_FEATURES.index(n) for n in CHAIN_FEATURES]
         return {"ece": num("ece_trained"), "answers": num("test_answers"), "right": num("test_correct"),
                 "chain": float(bool(np.any(self.meta.w[chain] != 0)))}
 

@@ -17,11 +17,12 @@
    of epochs whose out-of-fold AUROC (5 folds of the training chains) was best, the
    analytic start (0 epochs) included; its threshold is the one of best balanced accuracy
    (Youden's J) out of fold. The same training on feature subsets is the ablation.
-4. meta-cognitive head: ridge logistic regression over the answer features (the sampled
-   answers against the chain's, the chain's uncertainty), its ridge strength the one of
-   best out-of-fold Brier score on the training answers; `sage ask` uses it only where
-   its out-of-fold predictions on the training answers beat the samples' share in
-   ECE and in Brier score and rank right above wrong answers at least as well (AUROC).
+4. meta-cognitive head: ridge logistic regression over the answer features, the sampled
+   answers against the chain's alone or with the chain's uncertainty (never the number
+   of samples: META_SETS); of the feature sets and ridge strengths whose out-of-fold
+   predictions on the training answers beat the samples' share in ECE and in Brier score
+   and rank right above wrong answers at least as well (AUROC within the folds), the one
+   of lowest Brier score is used by `sage ask`; none: the share stays (fit_meta).
 5. evaluation on held-out problems, as `sage ask` runs: chains regenerated through
    llama.cpp with the trained sidecar's tracker and with the analytic one, scored with the
    numpy heads, against the labels' independent samples: proposal AUROC on the random
@@ -45,7 +46,8 @@ import torch
 
 from sage.engine import Engine
 from sage.errors import SageError
-from sage.heads import FEATURE_GROUPS, FEATURES, META_FEATURES, InverseLayer, MetaHead, SageHeads, fingerprint
+from sage.heads import (CHAIN_FEATURES, FEATURE_GROUPS, FEATURES, META_FEATURES, InverseLayer, MetaHead, SageHeads,
+                        fingerprint)
 from sage.inverse import AnalysisConfig, token_features
 from sage.inverse.explain import answer_features
 from sage.inverse.forks import candidates_in
@@ -417,7 +419,7 @@ META_L2 = (0.1, 1.0, 10.0, 100.0)  # the meta head's ridge strengths, chosen out
 # also the user's --budget (3 samples at the demo's 1200 tokens), so its weight would not
 # carry over (a head with it put an answer 3 of 3 samples reached at 95 %)
 META_SETS: dict[str, tuple[str, ...]] = {
-    "samples": ("logit_share", "leader_agrees", "none_share", "distinct"),
+    "samples": tuple(f for f in META_FEATURES if f not in CHAIN_FEATURES and f != "log_samples"),
     "all": tuple(f for f in META_FEATURES if f != "log_samples"),
 }
 
