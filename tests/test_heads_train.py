@@ -309,7 +309,7 @@ def test_heads_show_marks_an_unused_meta_head_and_gives_the_chance_of_what_ask_s
 
     m = {"test_answers": 202, "test_correct": 133, "ece_trained": 0.081, "ece_share": 0.086, "ece_entropy": 0.017,
          "auroc_conf_trained": 0.946, "auroc_conf_share": 0.972, "ece_chance_trained": 0.049,
-         "ece_chance_share": 0.042, "meta_used": used}
+         "ece_chance_share": 0.042, "meta_used": used, "meta_features": "samples"}
     con = Console(width=200, record=True, color_system=None)
     for r in metrics_view(m, "measured"):
         con.print(r)
@@ -317,6 +317,7 @@ def test_heads_show_marks_an_unused_meta_head_and_gives_the_chance_of_what_ask_s
     assert ("0.081 (not used)" in text and "0.946 (not used)" in text) is (not used)
     assert ("about 0.04 by chance" in text) is (not used) and ("about 0.05 by chance" in text) is used
     assert ("the samples' share's spread" in text) is (not used)
+    assert ("on the samples' features alone" in text) is used  # which head sage ask shows, in words
 
 
 def test_a_recalibrated_share_is_judged_fairly_and_the_fewer_features_chosen():
