@@ -318,6 +318,12 @@ def test_heads_show_marks_an_unused_meta_head_and_gives_the_chance_of_what_ask_s
     assert ("about 0.04 by chance" in text) is (not used) and ("about 0.05 by chance" in text) is used
     assert ("the samples' share's spread" in text) is (not used)
     assert ("on the samples' features alone" in text) is used  # which head sage ask shows, in words
+    if not used:  # an unused head without held-out answers: a dash, not marked
+        con = Console(width=200, record=True, color_system=None)
+        for r in metrics_view({**m, "test_answers": 0, "ece_trained": None, "auroc_conf_trained": None}, "measured"):
+            con.print(r)
+        text = con.export_text()
+        assert "(not used)" not in text and "answer ECE (0 answers, 133 right)        │             — │" in text
 
 
 def test_a_recalibrated_share_is_judged_fairly_and_the_fewer_features_chosen():

@@ -129,10 +129,13 @@ def metrics_view(m: dict, title: Text) -> list:
               _f(m["recall_entropy"]))
     # the fitted meta head's numbers are shown even where training did not keep it, marked so:
     # then sage ask shows the samples' share (the analytic column)
-    unused = " (not used)" if m["meta_used"] is False else ""
+    def meta(v) -> str:  # (a number that is not there is not marked)
+        s = _f(v)
+        return s + " (not used)" if m["meta_used"] is False and s != "—" else s
+
     t.add_row(f"answer ECE ({_n(m['test_answers'])} answers, {_n(m['test_correct'])} right)",
-              _f(m["ece_trained"]) + unused, _f(m["ece_share"]), _f(m["ece_entropy"]))
-    t.add_row("answer AUROC (right above wrong)", _f(m["auroc_conf_trained"]) + unused, _f(m["auroc_conf_share"]),
+              meta(m["ece_trained"]), _f(m["ece_share"]), _f(m["ece_entropy"]))
+    t.add_row("answer AUROC (right above wrong)", meta(m["auroc_conf_trained"]), _f(m["auroc_conf_share"]),
               _f(m["auroc_conf_entropy"]))
     out: list = [t]
     out.append(Text(
