@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 import torch
 
-from sage.reference.arch import PICKLE_SUFFIXES, get_arch, load_weights
+from sage.reference.arch import get_arch, load_weights, safetensors_files
 from sage.errors import SageError
 
 # Hugging Face `architectures` name -> converter class, filled by @register
@@ -74,16 +74,7 @@ class Checkpoint:
         from safetensors import SafetensorError, safe_open
 
         self.path = path
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            if pickles:
-                raise SageError(
-                    f"{path}: {pickles[0]} is a pickle checkpoint, refused (loading pickles can run code); "
-                    "sage reads safetensors only: re-save it with safetensors"
-                )
-            raise SageError(f"{path}: no *.safetensors weights")
-        self.files = files
+        self.files = files = safetensors_files(path)
         self.tensors: dict[str, SourceTensor] = {}
         for f in files:
             try:

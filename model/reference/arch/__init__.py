@@ -45,12 +45,9 @@ def get_arch(name: str) -> ModuleType:
     return importlib.import_module(f"sage.reference.arch.{module}")
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A Hugging Face checkpoint directory (config.json + *.safetensors) as a torch Model.
-    Pickle checkpoints (*.bin, *.pt, ...) are refused: loading them can run arbitrary code."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise SageError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+def safetensors_files(path: Path) -> list[Path]:
+    """The *.safetensors files of a checkpoint directory, sorted; a pickle checkpoint (or
+    none at all) is an error: loading pickles can run code."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -60,6 +57,16 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
                 "sage reads safetensors only: re-save it with safetensors"
             )
         raise SageError(f"{path}: no *.safetensors weights")
+    return files
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A Hugging Face checkpoint directory (config.json + *.safetensors) as a torch Model.
+    Pickle checkpoints (*.bin, *.pt, ...) are refused: loading them can run arbitrary code."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SageError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+    files = safetensors_files(path)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
