@@ -318,6 +318,11 @@ def test_heads_show_marks_an_unused_meta_head_and_gives_the_chance_of_what_ask_s
     assert ("about 0.04 by chance" in text) is (not used) and ("about 0.05 by chance" in text) is used
     assert ("the samples' share's spread" in text) is (not used)
     assert ("on the samples' features alone" in text) is used  # which head sage ask shows, in words
+    if used:
+        con = Console(width=200, record=True, color_system=None)
+        for r in metrics_view({**m, "meta_features": "share"}, "measured"):
+            con.print(r)
+        assert "the samples' share recalibrated" in con.export_text()
     if not used:  # an unused head without held-out answers: a dash, not marked
         con = Console(width=200, record=True, color_system=None)
         for r in metrics_view({**m, "test_answers": 0, "ece_trained": None, "auroc_conf_trained": None}, "measured"):
@@ -330,7 +335,7 @@ def test_heads_show_marks_an_unused_meta_head_and_gives_the_chance_of_what_ask_s
 def test_a_recalibrated_share_is_judged_fairly_and_the_fewer_features_chosen():
     """The share of 8 samples, underconfident (the truth is sharper: P(right) =
     sigmoid(2.5 logit share)), the other sample features constant and the chain's noise: a
-    head on the samples' features alone recalibrates the share, orders the answers as the
+    head on the share alone (the fewest features) recalibrates it, orders the answers as the
     share does (AUROC within the folds equal), beats it out of fold, and is used. Pooled
     over the folds, its out-of-fold predictions (five fits) rank worse than the share: the
     rule of `fit_meta` compares within the folds, or it could never keep a recalibration."""
@@ -347,13 +352,36 @@ def test_a_recalibrated_share_is_judged_fairly_and_the_fewer_features_chosen():
         x[:, META_FEATURES.index(f)] = 0.0
     x[:, META_FEATURES.index("logit_share")] = z
     head, used, info = fit_meta(x, y, share, seed=0)
-    assert used and info["meta_features"] == "samples"
+    assert used and info["meta_features"] == "share"  # the fewest features that do it
     assert info["meta_cv_auroc"] == pytest.approx(info["meta_cv_auroc_share"], abs=1e-9)
     assert info["meta_cv_ece"] < info["meta_cv_ece_share"] and info["meta_cv_brier"] < info["meta_cv_brier_share"]
     assert head.w[META_FEATURES.index("logit_share")] == pytest.approx(2.5, abs=0.8)
-    assert all(head.w[META_FEATURES.index(f)] == 0 for f in META_FEATURES if f not in META_SETS["samples"])
-    pooled = _oof_meta(only(x, META_SETS["samples"]), y, 0, 5, info["meta_l2"])
+    assert all(head.w[META_FEATURES.index(f)] == 0 for f in META_FEATURES if f != "logit_share")
+    pooled = _oof_meta(only(x, META_SETS["share"]), y, 0, 5, info["meta_l2"])
     assert auroc(pooled, y) < auroc(share, y)
+
+
+def test_meta_head_buys_features_only_beyond_their_noise():
+    """The one-standard-error rule: 200 answers whose rightness follows the share and,
+    weakly or strongly, one chain feature. Weakly: the head on all features has the lower
+    Brier score out of fold, by less than its standard error, and the share recalibrated
+    is used. Strongly: the head on all features is used."""
+    def answers(strength: float):
+        rng = np.random.default_rng(21)
+        k = rng.integers(0, 9, size=200)
+        z = np.log((k + 0.5) / (8.5 - k))
+        c = rng.normal(size=200)
+        y = (rng.random(200) < 1 / (1 + np.exp(-(1.5 * z + strength * c)))).astype(float)
+        x = np.zeros((200, len(META_FEATURES)))
+        x[:, META_FEATURES.index("logit_share")] = z
+        x[:, META_FEATURES.index("logit_token_prob")] = c
+        return x, y, k / 8
+
+    head, used, info = fit_meta(*answers(0.3), seed=0)
+    assert used and info["meta_features"] == "share" and info["meta_cv_brier_lowest"] < info["meta_cv_brier"]
+    assert head.w[META_FEATURES.index("logit_token_prob")] == 0
+    head, used, info = fit_meta(*answers(3.0), seed=0)
+    assert used and info["meta_features"] == "all" and head.w[META_FEATURES.index("logit_token_prob")] > 1
 
 
 def test_meta_head_never_reads_the_number_of_samples():

@@ -17,12 +17,13 @@
    of epochs whose out-of-fold AUROC (5 folds of the training chains) was best, the
    analytic start (0 epochs) included; its threshold is the one of best balanced accuracy
    (Youden's J) out of fold. The same training on feature subsets is the ablation.
-4. meta-cognitive head: ridge logistic regression over the answer features, the sampled
-   answers against the chain's alone or with the chain's uncertainty (never the number
-   of samples: META_SETS); of the feature sets and ridge strengths whose out-of-fold
-   predictions on the training answers beat the samples' share in ECE and in Brier score
-   and rank right above wrong answers at least as well (AUROC within the folds), the one
-   of lowest Brier score is used by `sage ask`; none: the share stays (fit_meta).
+4. meta-cognitive head: ridge logistic regression over the answer features: the share
+   alone (recalibrated), the sampled answers' features, or those and the chain's
+   uncertainty (never the number of samples: META_SETS); of the feature sets and ridge
+   strengths whose out-of-fold predictions on the training answers beat the samples'
+   share in ECE and in Brier score and rank right above wrong answers at least as well
+   (AUROC within the folds), the simplest within one standard error of the lowest Brier
+   score is used by `sage ask`; none: the share stays (fit_meta).
 5. evaluation on held-out problems, as `sage ask` runs: chains regenerated through
    llama.cpp with the trained sidecar's tracker and with the analytic one, scored with the
    numpy heads, against the labels' independent samples: proposal AUROC on the random
@@ -411,14 +412,15 @@ def answer_rows(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, list[E
 
 
 META_L2 = (0.1, 1.0, 10.0, 100.0)  # the meta head's ridge strengths, chosen out of fold
-# the meta head's feature sets, chosen out of fold with its ridge: the answers sampled from
-# the problem alone, or those and the chain's own uncertainty (four features are fewer to
-# overfit on a few dozen answers). Neither reads the number of samples (log_samples): in
+# the meta head's feature sets, in order of simplicity, chosen out of fold with its ridge:
+# the share alone, the answers sampled from the problem alone, or those and the chain's own
+# uncertainty (fewer features are fewer to overfit on a few dozen answers). None reads the number of samples (log_samples): in
 # the labels it follows the stopping rule at the default budget (more samples where they
 # disagree: on Qwen's 84 training answers it correlates -0.48 with rightness), in `sage ask`
 # also the user's --budget (3 samples at the demo's 1200 tokens), so its weight would not
 # carry over (a head with it put an answer 3 of 3 samples reached at 95 %)
 META_SETS: dict[str, tuple[str, ...]] = {
+    "share": ("logit_share",),  # the share recalibrated (Platt scaling): it cannot reorder the answers
     "samples": tuple(f for f in META_FEATURES if f not in CHAIN_FEATURES and f != "log_samples"),
     "all": tuple(f for f in META_FEATURES if f != "log_samples"),
 }
@@ -460,21 +462,28 @@ def fit_meta(x: np.ndarray, y: np.ndarray, share: np.ndarray, seed: int, folds: 
     shows otherwise): it must beat the share in calibration (ECE) and in Brier score (a
     proper score: it also counts how well right answers are told from wrong ones, which a
     head can lose while its ECE, on few answers, looks better by chance), and rank right
-    above wrong answers at least as well (AUROC within the folds). Of those that do, the
-    one of lowest Brier score is used; none: the share stays (the head of lowest Brier
-    score is still fitted and reported). Fewer than `least` answers: the analytic head,
-    unused."""
+    above wrong answers at least as well (AUROC within the folds; the share's ties, 8 of 8
+    and 12 of 12 both 1, broken by the smoothed share the logit_share feature reads). Of
+    those that do, the simplest (fewest features, then strongest ridge) whose Brier score
+    is within one standard error of the lowest is used (the one-standard-error rule: on a
+    hundred or two answers, a difference smaller than its noise does not buy features;
+    the error is that of the per-answer difference from the lowest); none: the share stays
+    (the head of lowest Brier score is still fitted and reported). Fewer than `least`
+    answers: the analytic head, unused."""
     info: dict = {"meta_cv_answers": int(len(y))}
     if len(y) < least:
         return MetaHead.analytic(), False, info
+    share = np.asarray(share, float)
+    smoothed = 1.0 / (1.0 + np.exp(-x[:, META_FEATURES.index("logit_share")]))
     base = {"meta_cv_ece_share": ece(share, y), "meta_cv_brier_share": float(np.mean((share - y) ** 2)),
-            "meta_cv_auroc_share": _fold_auroc(np.asarray(share, float), y, seed, folds)}
+            "meta_cv_auroc_share": _fold_auroc(share + 1e-6 * smoothed, y, seed, folds)}
     cands = []
-    for name, feats in META_SETS.items():
-        for l2 in META_L2:
+    for name, feats in META_SETS.items():  # in order of simplicity: fewer features, then a stronger ridge
+        for l2 in sorted(META_L2, reverse=True):
             pred = _oof_meta(only(x, feats), y, seed, folds, l2)
+            loss = (pred - y) ** 2
             c = {"meta_features": name, "meta_l2": l2, "meta_cv_ece": ece(pred, y),
-                 "meta_cv_brier": float(np.mean((pred - y) ** 2)), "meta_cv_auroc": _fold_auroc(pred, y, seed, folds)}
+                 "meta_cv_brier": float(loss.mean()), "meta_cv_auroc": _fold_auroc(pred, y, seed, folds), "loss": loss}
             # it must also rank at least as well as the share: a head better calibrated on
             # average but ranking worse calls unanimous, right answers unsure (Qwen, 84
             # training answers: the head put one that 8 of 8 samples reached at 71 %)
@@ -482,8 +491,16 @@ def fit_meta(x: np.ndarray, y: np.ndarray, share: np.ndarray, seed: int, folds: 
                        and not c["meta_cv_auroc"] < base["meta_cv_auroc_share"])  # (nan: one class, not judged)
             cands.append(c)
     good = [c for c in cands if c["ok"]]
-    best = min(good or cands, key=lambda c: c["meta_cv_brier"])  # (ties: the first, fewer features, weaker ridge)
-    info.update(base, **{k: v for k, v in best.items() if k != "ok"})
+    lowest = min(good or cands, key=lambda c: c["meta_cv_brier"])  # (ties: the first, the simplest)
+    best = lowest
+    if good:
+        for c in good:  # the first (simplest) within one standard error of the lowest
+            d = c["loss"] - lowest["loss"]
+            if d.mean() <= d.std(ddof=1) / np.sqrt(len(d)):
+                best = c
+                break
+    info.update(base, **{k: v for k, v in best.items() if k not in ("ok", "loss")},
+                meta_cv_brier_lowest=lowest["meta_cv_brier"])
     return train_meta(only(x, META_SETS[best["meta_features"]]), y, best["meta_l2"]), bool(good), info
 
 

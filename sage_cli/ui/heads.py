@@ -162,8 +162,9 @@ def metrics_view(m: dict, title: Text) -> list:
     if used is not None:
         out.append(Text(
             ("the confidence sage ask shows is the meta-cognitive head's"
-             + (" (on the samples' features alone, chosen out of fold on the training answers)"
-                if m["meta_features"] == "samples" else "") if used is True else
+             + ({"share": " (the samples' share recalibrated, chosen out of fold on the training answers)",
+                 "samples": " (on the samples' features alone, chosen out of fold on the training answers)"}
+                .get(str(m["meta_features"]), "")) if used is True else
              "the confidence sage ask shows stays the samples' share (out of fold, the fitted meta head did not beat it in "
              "ECE and Brier score, or ranked right from wrong answers worse, on the training answers, or they were too few)")
             + f"; token probability alone: ECE {_f(m['ece_token_prob'])}. Trained on {_n(m['train_labels'])} "
