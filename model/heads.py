@@ -193,7 +193,8 @@ class SageHeads:
 
     def calibration(self) -> dict[str, float | None]:
         """What the sidecar measured of its meta head on held-out answers (ece, answers, right),
-        and whether the head reads the chain's own uncertainty (chain: 1.0) or only the samples."""
+        whether the head reads the chain's own uncertainty (chain: 1.0) or only the samples,
+        and whether it reads the samples' share alone (share: 1.0, a recalibration of it)."""
         import json
 
         try:
@@ -209,8 +210,9 @@ class SageHeads:
         # whether it reads the chain's own uncertainty, or only the samples (training may
         # choose the samples' features alone), from its weights
         chain = [META_FEATURES.index(n) for n in CHAIN_FEATURES]
+        others = np.delete(self.meta.w, META_FEATURES.index("logit_share"))
         return {"ece": num("ece_trained"), "answers": num("test_answers"), "right": num("test_correct"),
-                "chain": float(bool(np.any(self.meta.w[chain] != 0)))}
+                "chain": float(bool(np.any(self.meta.w[chain] != 0))), "share": float(not np.any(others != 0))}
 
     def describe(self) -> str:
         data = f" ({self.info['data']})" if "data" in self.info else ""

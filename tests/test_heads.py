@@ -197,11 +197,15 @@ def test_calibration_is_used_only_where_training_kept_the_meta_head():
     h.info = {"meta": "samples", "metrics": json.dumps({"ece_trained": 0.04, "test_answers": 200, "test_correct": 120})}
     assert not h.calibrated
     h.info["meta"] = "trained"
-    assert h.calibrated and h.calibration() == {"ece": 0.04, "answers": 200.0, "right": 120.0, "chain": 0.0}
+    # the analytic meta head reads the share alone
+    assert h.calibrated and h.calibration() == {"ece": 0.04, "answers": 200.0, "right": 120.0, "chain": 0.0,
+                                                "share": 1.0}
+    h.meta.w[META_FEATURES.index("distinct")] = -0.5  # a head that reads the samples beyond their share
+    assert h.calibration()["share"] == 0.0 and h.calibration()["chain"] == 0.0
     h.meta.w[META_FEATURES.index("mean_entropy")] = 0.5  # a head that reads the chain's entropy
     assert h.calibration()["chain"] == 1.0
     h.info["metrics"] = json.dumps({"ece_trained": float("nan"), "test_answers": True})  # untrusted: only numbers
-    assert h.calibration() == {"ece": None, "answers": None, "right": None, "chain": 1.0}
+    assert h.calibration() == {"ece": None, "answers": None, "right": None, "chain": 1.0, "share": 0.0}
     # answers only (sage heads train --fork-problems 0): analytic fork heads, the meta head kept
     a = SageHeads.analytic("fp", "m", [1], 2)
     a.info = {"meta": "trained", "inverse": "analytic"}

@@ -134,3 +134,25 @@ def test_the_streamed_chain_wraps_between_words_in_a_terminal():
     for w in ("Finally,", "number", "eggs", "answer", "1,200."):
         assert any(w in line for line in lines), (w, lines)
     assert lines[0] == "Finally, find the number"
+
+
+@pytest.mark.parametrize("share, chain, words", [
+    (1.0, 0.0, "recalibrating that share"),
+    (0.0, 0.0, "reading those samples, puts"),
+    (0.0, 1.0, "reading those samples and the chain's own uncertainty, puts"),
+])
+def test_the_calibrated_confidence_says_what_the_meta_head_read(share, chain, words):
+    """The sentence that gives the meta-cognitive head's confidence names what that head
+    reads (the sidecar's weights): the share alone, the samples, or also the chain."""
+    from sage.inverse.explain import explain_sampled
+
+    t = make_trace()
+    value = t.answer.value
+    t = _sampled(t, [value, value, value, "7"])
+    cal = {"ece": 0.06, "answers": 250.0, "right": 170.0, "chain": chain, "share": share}
+    ex = explain_sampled(t, t.analysis.decisions, t.analysis.outcomes, 0.3, trained=True, calibrated=(0.83, cal))
+    text = " ".join(ex.confidence)
+    assert words in text and "83%" in text and "250 held-out answers" in text
+    others = {"recalibrating that share", "reading those samples, puts",
+              "reading those samples and the chain's own uncertainty, puts"} - {words}
+    assert not any(o in text for o in others)

@@ -177,9 +177,12 @@ def explain_sampled(trace: Trace, decisions: list[Decision], outcomes, fork_thre
                     held = (f"; on {cal['answers']:.0f} held-out answers its estimates were off by "
                             f"{cal['ece']:.2f} on average (ECE)" if cal.get("ece") is not None and cal.get("answers")
                             else "")
-                    confs.append(f"The trained meta-cognitive head, reading those samples and the chain's own "
-                                 f"uncertainty, puts the chance the answer is right at {p:.0%}{held}: that is the "
-                                 "answer's confidence.")
+                    reads = ("recalibrating that share (from how often answers with such shares were right "
+                             "in its training)" if cal.get("share") == 1.0 else
+                             "reading those samples" + (" and the chain's own uncertainty" if cal.get("chain") != 0
+                                                        else ""))
+                    confs.append(f"The trained meta-cognitive head, {reads}, puts the chance the answer is right "
+                                 f"at {p:.0%}{held}: that is the answer's confidence.")
             confs.append(f"All answers from the problem alone: {dist_words(s)}.")
             if s.leader is not None and s.leader != value and s.answers[0].n > 1:
                 confs.append(f"The most frequent answer of the samples is {s.leader} "
