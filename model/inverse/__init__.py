@@ -112,13 +112,7 @@ def analyze(
         # (the meta-cognitive head reads sampled answers: this method has none to give it)
     timings["analysis_s"] = time.time() - t0
     return Analysis(
-        heads=heads.describe() if heads is not None else "analytic (built in)",
-        tracked_layers=list(tr.layers),
-        tracker="native" if tr.native else "python",
-        proxy=PROXY,
-        threshold=cand_threshold,
-        max_decisions=cfg.max_decisions,
-        alternatives=cfg.alternatives,
+        **_settings(heads, tr, cfg, cand_threshold),
         candidates=n_cands,
         decisions=decisions,
         consistency=consistency,
@@ -128,6 +122,13 @@ def analyze(
         explanation=explain(trace, decisions, consistency, answer_conf, trained=heads is not None and heads.trained),
         timings=timings,
     )
+
+
+def _settings(heads, tr, cfg, cand_threshold) -> dict:
+    """The Analysis fields both methods fill alike: what ran, with which settings."""
+    return dict(heads=heads.describe() if heads is not None else "analytic (built in)", tracked_layers=list(tr.layers),
+                tracker="native" if tr.native else "python", proxy=PROXY, threshold=cand_threshold,
+                max_decisions=cfg.max_decisions, alternatives=cfg.alternatives)
 
 
 def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_progress) -> Analysis:
@@ -176,13 +177,7 @@ def _sampled(engine, trace, prompt_tokens, cfg, stops, obs, sig, heads, t0, on_p
             answer_conf = heads.meta(x)
     timings["analysis_s"] = time.time() - t0
     return Analysis(
-        heads=heads.describe() if heads is not None else "analytic (built in)",
-        tracked_layers=list(tr.layers),
-        tracker="native" if tr.native else "python",
-        proxy=PROXY,
-        threshold=cand_threshold,
-        max_decisions=cfg.max_decisions,
-        alternatives=cfg.alternatives,
+        **_settings(heads, tr, cfg, cand_threshold),
         candidates=outcomes.proposed if outcomes is not None else n_cands,
         decisions=decisions,
         consistency=None,
