@@ -414,11 +414,12 @@ def answer_rows(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, list[E
 META_L2 = (0.1, 1.0, 10.0, 100.0)  # the meta head's ridge strengths, chosen out of fold
 # the meta head's feature sets, in order of simplicity, chosen out of fold with its ridge:
 # the share alone, the answers sampled from the problem alone, or those and the chain's own
-# uncertainty (fewer features are fewer to overfit on a few dozen answers). None reads the number of samples (log_samples): in
-# the labels it follows the stopping rule at the default budget (more samples where they
-# disagree: on Qwen's 84 training answers it correlates -0.48 with rightness), in `sage ask`
-# also the user's --budget (3 samples at the demo's 1200 tokens), so its weight would not
-# carry over (a head with it put an answer 3 of 3 samples reached at 95 %)
+# uncertainty (fewer features are fewer to overfit on a few dozen answers). None reads the
+# number of samples (log_samples): in the labels it follows the stopping rule at the default
+# budget (more samples where they disagree: on Qwen's 84 training answers it correlates
+# -0.48 with rightness), in `sage ask` also the user's --budget (3 samples at the demo's
+# 1200 tokens), so its weight would not carry over (a head with it put an answer 3 of 3
+# samples reached at 95 %)
 META_SETS: dict[str, tuple[str, ...]] = {
     "share": ("logit_share",),  # the share recalibrated (Platt scaling): it cannot reorder the answers
     "samples": tuple(f for f in META_FEATURES if f not in CHAIN_FEATURES and f != "log_samples"),
